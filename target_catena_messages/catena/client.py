@@ -1,0 +1,498 @@
+"""A small Catena API client: create message, get/list operations, list users.
+
+It knows nothing of Singer and decides no retries: every HTTP or network outcome of a message
+becomes a typed value (:class:`Accepted` or :class:`Failure` with a ``FailureKind``) that delivery
+acts on. The one retry it does itself is the auth retry (refresh the token once, send once more),
+because only the client knows which token a request used.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+from urllib.parse import quote
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from target_catena_messages import jsonutil
+from target_catena_messages.catena.auth import TokenProvider, require_safe_url
+from target_catena_messages.catena.errors import (
+    CatenaApiError,
+    TokenNotRefreshable,
+    TokenUnavailable,
+)
+from target_catena_messages.retry import (
+    FailureKind,
+    classify_exception,
+    classify_status,
+    retry_after_seconds,
+)
+
+__all__ = ["Accepted", "CatenaClient", "ClientStats", "Failure", "make_session"]
+
+logger = logging.getLogger(__name__)
+
+#: Catena's ID filters take at most this many values per request.
+MAX_IDS_PER_REQUEST = 100
+#: Largest page size Catena's list endpoints accept.
+MAX_PAGE_SIZE = 1000
+_TEXT_LIMIT = 500
+
+# Errors a request can end in besides requests' own: urllib3/http.client leaks are rare but must
+# still become a Failure, never an exception out of create_message.
+_SEND_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
+def _user_agent() -> str:
+    try:
+        return f"target-catena-messages/{version('target-catena-messages')}"
+    except PackageNotFoundError:
+        return "target-catena-messages"
+
+
+def make_session(pool_size: int) -> requests.Session:
+    """A session whose connection pool fits ``pool_size`` concurrent requests.
+
+    ``max_retries=0``: urllib3 must never resend a POST on its own; retries are delivery's
+    decision. TLS verification stays on (``REQUESTS_CA_BUNDLE`` is honoured by requests).
+    """
+    if pool_size < 1:
+        raise ValueError("pool_size must be >= 1")
+    session = requests.Session()
+    for prefix in ("https://", "http://"):
+        session.mount(
+            prefix, HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        )
+    session.headers["User-Agent"] = _user_agent()
+    session.headers["Accept"] = "application/json"
+    return session
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Catena queued the message (202) or, in sync mode, created it (200).
+
+    Attributes:
+        operation_id: The resource operation's ``id``, the handle for later look-ups.
+        status: The HTTP status.
+        operation: The full ResourceOperation when Catena returned one (``catena_ids`` body);
+            None for the bare ``{"id"}`` answer of the ``source_ids`` body.
+        elapsed: Seconds spent, token and auth retry included.
+    """
+
+    operation_id: str
+    status: int
+    operation: dict[str, Any] | None
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request that was not accepted, classified for the retry decision.
+
+    Attributes:
+        kind: What the failure means for a resend.
+        status: The HTTP status, or None when no response arrived.
+        api_error: Catena's error body (parsed JSON, or ``{"text": first 500 chars}``), or None.
+        message: One human line saying what happened.
+        retry_after: Seconds the server asked us to wait (429/503), when it said so.
+        elapsed: Seconds spent, token and auth retry included.
+    """
+
+    kind: FailureKind
+    status: int | None
+    api_error: Any | None
+    message: str
+    retry_after: float | None
+    elapsed: float
+
+
+class ClientStats:
+    """Thread-safe counters for the run summary: requests and outcomes per endpoint."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: Counter[str] = Counter()
+        self._outcomes: dict[str, Counter[str]] = {}
+        self._auth_retries = 0
+
+    def record(self, endpoint: str, outcome: str) -> None:
+        """Count one request to ``endpoint`` that ended in ``outcome`` (a status or error name)."""
+        with self._lock:
+            self._requests[endpoint] += 1
+            self._outcomes.setdefault(endpoint, Counter())[outcome] += 1
+
+    def record_auth_retry(self) -> None:
+        """Count one refresh-and-retry after a 401/403."""
+        with self._lock:
+            self._auth_retries += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy: ``{"requests": {endpoint: n}, "outcomes": {endpoint: {status: n}}, ...}``."""
+        with self._lock:
+            return {
+                "requests": dict(self._requests),
+                "outcomes": {e: dict(c) for e, c in self._outcomes.items()},
+                "auth_retries": self._auth_retries,
+            }
+
+
+class CatenaClient:
+    """Typed calls to the Catena API over one shared, thread-safe session.
+
+    Args:
+        api_url: Base URL (https, or http for loopback only).
+        tokens: Where bearer tokens come from.
+        session: Usually from :func:`make_session`, shared with the token provider.
+        timeout: Seconds per HTTP request (connect and read).
+    """
+
+    def __init__(
+        self,
+        api_url: str,
+        tokens: TokenProvider,
+        session: requests.Session,
+        *,
+        timeout: float = 30.0,
+    ) -> None:
+        self._api_url = require_safe_url(api_url, "api_url")
+        self._tokens = tokens
+        self._session = session
+        self._timeout = timeout
+        self.stats = ClientStats()
+
+    def create_message(
+        self, body: Mapping[str, Any], *, is_sync: bool = False
+    ) -> Accepted | Failure:
+        """POST one message; never raises for HTTP or network outcomes.
+
+        Raises:
+            CredentialsRefused: The credentials were refused while refreshing the token (fatal).
+        """
+        started = time.monotonic()
+        result = self._send(
+            "messages",
+            "POST",
+            f"{self._api_url}/v2/telematics/messages",
+            params=[("is_sync", "true")] if is_sync else None,
+            data=jsonutil.dumps(body).encode(),
+            is_sync=is_sync,
+        )
+        elapsed = time.monotonic() - started
+        if isinstance(result, Failure):
+            return replace(result, elapsed=elapsed)
+        status, parsed = result
+        operation_id = parsed.get("id") if isinstance(parsed, dict) else None
+        if not isinstance(operation_id, str) or not operation_id:
+            return Failure(
+                FailureKind.AMBIGUOUS,
+                status,
+                _api_error(parsed, b""),
+                "accepted without id",
+                None,
+                elapsed,
+            )
+        operation = parsed if isinstance(parsed, dict) and set(parsed) - {"id"} else None
+        return Accepted(operation_id, status, operation, elapsed)
+
+    def get_operation(self, connection_id: str, operation_id: str) -> dict[str, Any] | Failure:
+        """One resource operation with its logs, or a Failure (404 is a REJECTION: not found).
+
+        Raises:
+            CredentialsRefused: The credentials were refused while refreshing the token (fatal).
+        """
+        started = time.monotonic()
+        url = (
+            f"{self._api_url}/v2/integrations/connections/{quote(connection_id, safe='')}"
+            f"/resource-operations/{quote(operation_id, safe='')}"
+        )
+        result = self._send("operations", "GET", url)
+        elapsed = time.monotonic() - started
+        if isinstance(result, Failure):
+            return replace(result, elapsed=elapsed)
+        status, parsed = result
+        if not isinstance(parsed, dict):
+            return Failure(
+                FailureKind.AMBIGUOUS,
+                status,
+                _api_error(parsed, b""),
+                "operation answer is not a JSON object",
+                None,
+                elapsed,
+            )
+        return parsed
+
+    def list_operations(
+        self,
+        connection_id: str,
+        *,
+        from_datetime: datetime,
+        to_datetime: datetime,
+        resource: str = "message",
+        operation: str = "create",
+        size: int = 1000,
+    ) -> Iterator[dict[str, Any]]:
+        """Resource operations of one connection created in a time window, page by page.
+
+        Catena caps the window at 45 days. Pages are fetched lazily as the iterator advances.
+
+        Raises:
+            ValueError: A naive datetime or a size outside 1..1000 (at call time).
+            CatenaApiError: A page request failed (while iterating).
+            CredentialsRefused: The credentials were refused (while iterating; fatal).
+        """
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            raise ValueError(f"size must be within 1..{MAX_PAGE_SIZE}")
+        params = [
+            ("connection_id", connection_id),
+            ("resource", resource),
+            ("operation", operation),
+            ("from_datetime", _iso_utc(from_datetime)),
+            ("to_datetime", _iso_utc(to_datetime)),
+            ("size", str(size)),
+        ]
+        url = f"{self._api_url}/v2/integrations/connections/resource-operations"
+        return self._pages("operations", url, params)
+
+    def list_users(
+        self, connection_id: str | None, source_ids: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """Users whose TSP ``source_id`` is among ``source_ids`` (batches of 100, all pages).
+
+        An empty ``source_ids`` returns [] without a request (the API would list every user).
+
+        Raises:
+            CatenaApiError: A request failed.
+            CredentialsRefused: The credentials were refused (fatal).
+        """
+        if isinstance(source_ids, str):
+            raise TypeError("source_ids must be a sequence of strings, not one string")
+        unique = list(dict.fromkeys(source_ids))
+        url = f"{self._api_url}/v2/telematics/users"
+        users: list[dict[str, Any]] = []
+        for start in range(0, len(unique), MAX_IDS_PER_REQUEST):
+            params = [("source_ids", s) for s in unique[start : start + MAX_IDS_PER_REQUEST]]
+            if connection_id:
+                params.append(("connection_id", connection_id))
+            params.append(("size", str(MAX_PAGE_SIZE)))
+            users.extend(self._pages("users", url, params))
+        return users
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _pages(
+        self, endpoint: str, url: str, params: list[tuple[str, str]]
+    ) -> Iterator[dict[str, Any]]:
+        """Follow ``next_page`` cursors, yielding items; a failed page raises CatenaApiError."""
+        seen: set[str] = set()
+        cursor: str | None = None
+        while True:
+            page_params = [*params, ("cursor", cursor)] if cursor else params
+            result = self._send(endpoint, "GET", url, params=page_params)
+            if isinstance(result, Failure):
+                raise CatenaApiError(
+                    f"{endpoint} list failed: {result.message}",
+                    status=result.status,
+                    kind=result.kind,
+                    api_error=result.api_error,
+                    retry_after=result.retry_after,
+                )
+            status, page = result
+            items = page.get("items") if isinstance(page, dict) else None
+            if not isinstance(items, list):
+                raise CatenaApiError(
+                    f"{endpoint} list answer has no items list",
+                    status=status,
+                    kind=FailureKind.AMBIGUOUS,
+                    api_error=_api_error(page, b""),
+                )
+            yield from (item for item in items if isinstance(item, dict))
+            assert isinstance(page, dict)
+            cursor = page.get("next_page")
+            if not isinstance(cursor, str) or not cursor:
+                return
+            if cursor in seen:
+                raise CatenaApiError(
+                    f"{endpoint} list repeated a page cursor; stopping instead of looping",
+                    status=status,
+                    kind=FailureKind.AMBIGUOUS,
+                )
+            seen.add(cursor)
+
+    def _send(
+        self,
+        endpoint: str,
+        method: str,
+        url: str,
+        *,
+        params: list[tuple[str, str]] | None = None,
+        data: bytes | None = None,
+        is_sync: bool = False,
+    ) -> tuple[int, Any] | Failure:
+        """One request with the auth retry: (status, parsed body) when accepted, else a Failure.
+
+        On 401/403 the token is refreshed (only if it is still the current one) and the request
+        sent once more; a second 401/403 is a rejection. A static token cannot be refreshed, so
+        its 403 is a rejection at once and its 401 ends the run (TokenNotRefreshable).
+        """
+        try:
+            token = self._tokens.token()
+        except TokenUnavailable as exc:
+            return _failure(FailureKind.SAFE, None, None, str(exc))
+        response = self._request(endpoint, method, url, token, params=params, data=data)
+        if isinstance(response, Failure) or response.status_code not in (401, 403):
+            return self._outcome(response, is_sync)
+        try:
+            token = self._tokens.refresh_after_failure(token)
+        except TokenUnavailable as exc:
+            return _failure(FailureKind.SAFE, None, None, str(exc))
+        except TokenNotRefreshable:
+            if response.status_code == 403:
+                return self._outcome(response, is_sync, kind=FailureKind.REJECTION)
+            raise
+        self.stats.record_auth_retry()
+        response = self._request(endpoint, method, url, token, params=params, data=data)
+        if isinstance(response, Failure) or response.status_code not in (401, 403):
+            return self._outcome(response, is_sync)
+        return self._outcome(
+            response, is_sync, kind=FailureKind.REJECTION, note="again after a token refresh"
+        )
+
+    def _request(
+        self,
+        endpoint: str,
+        method: str,
+        url: str,
+        token: str,
+        *,
+        params: list[tuple[str, str]] | None,
+        data: bytes | None,
+    ) -> requests.Response | Failure:
+        """Send once; a network error becomes a classified Failure (its text holds no token)."""
+        headers = {"Authorization": f"Bearer {token}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            response = self._session.request(
+                method,
+                url,
+                params=params,
+                data=data,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except _SEND_ERRORS as exc:
+            self.stats.record(endpoint, type(exc).__name__)
+            kind = classify_exception(exc)
+            logger.debug("%s %s failed (%s): %s", method, endpoint, kind.value, exc)
+            return _failure(kind, None, None, _one_line(f"{type(exc).__name__}: {exc}"))
+        self.stats.record(endpoint, str(response.status_code))
+        return response
+
+    def _outcome(
+        self,
+        response: requests.Response | Failure,
+        is_sync: bool,
+        *,
+        kind: FailureKind | None = None,
+        note: str = "",
+    ) -> tuple[int, Any] | Failure:
+        """Parse and classify a response; ``kind`` overrides the classification."""
+        if isinstance(response, Failure):
+            return response
+        status = response.status_code
+        body = _json_or_none(response.content)
+        kind = kind or classify_status(status, body, is_sync=is_sync)
+        if kind is None:
+            return status, body
+        retry_after = retry_after_seconds(body, response.headers) if status in (429, 503) else None
+        api_error = _api_error(body, response.content)
+        message = _describe(status, response.reason, body, response.headers, note)
+        logger.debug("HTTP %s classified %s: %s", status, kind.value, api_error)
+        return _failure(kind, status, api_error, message, retry_after)
+
+
+def _failure(
+    kind: FailureKind,
+    status: int | None,
+    api_error: Any | None,
+    message: str,
+    retry_after: float | None = None,
+) -> Failure:
+    """A Failure whose ``elapsed`` the public method fills in."""
+    return Failure(kind, status, api_error, message, retry_after, 0.0)
+
+
+def _json_or_none(content: bytes) -> Any:
+    """The decoded JSON body, or None when it is empty or not JSON (an HTML error page)."""
+    try:
+        return jsonutil.loads(content)
+    except ValueError:  # msgspec.DecodeError is a ValueError
+        return None
+
+
+def _api_error(body: Any, content: bytes) -> Any:
+    """Catena's error body for the dead letter: the JSON, else the first 500 chars of text."""
+    if body is not None:
+        return body
+    return {"text": content[:_TEXT_LIMIT].decode("utf-8", "replace")}
+
+
+def _describe(
+    status: int, reason: str | None, body: Any, headers: Mapping[str, str], note: str
+) -> str:
+    """One line for logs and dead letters: status, Catena's message, and the gist of detail."""
+    head = f"HTTP {status} {reason or ''}".strip()
+    if note:
+        head += f" {note}"
+    if 300 <= status < 400:
+        return _one_line(f"{head}: redirect to {headers.get('Location', '?')} not followed")
+    return _one_line(f"{head}: {_gist(body)}" if _gist(body) else head)
+
+
+def _gist(body: Any) -> str:
+    """The informative part of a Catena body: message, validation details, or the last log."""
+    if not isinstance(body, dict):
+        return ""
+    parts: list[str] = []
+    if isinstance(body.get("message"), str):
+        parts.append(body["message"])
+    detail = body.get("detail")
+    if isinstance(detail, str):
+        parts.append(detail)
+    elif isinstance(detail, dict) and isinstance(detail.get("message"), str):
+        parts.append(detail["message"])
+    elif isinstance(detail, list):
+        parts.append(
+            "; ".join(
+                f"{d.get('path', '?')}: {d.get('message', '?')}"
+                for d in detail
+                if isinstance(d, dict)
+            )
+        )
+    logs = body.get("logs")
+    if isinstance(logs, list) and logs and isinstance(logs[-1], dict):
+        last = logs[-1]
+        parts.append(f"last log {last.get('error_type')}: {last.get('error_details')}")
+    return " - ".join(p for p in parts if p)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:_TEXT_LIMIT]
+
+
+def _iso_utc(moment: datetime) -> str:
+    """ISO 8601 in UTC; a naive datetime is refused rather than guessed."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("list_operations needs timezone-aware datetimes")
+    return moment.astimezone(timezone.utc).isoformat()

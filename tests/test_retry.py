@@ -1,0 +1,513 @@
+"""Tests for retry.py: status and exception classification, Retry-After parsing, backoff bounds.
+
+Exceptions come from real sockets (a closed port, tiny local servers that misbehave) so the tests
+follow whatever wrapping requests and urllib3 actually do.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from pathlib import Path
+
+import pytest
+import requests
+import urllib3.exceptions as u3
+from hypothesis import given
+from hypothesis import strategies as st
+
+from target_catena_messages.retry import (
+    FailureKind,
+    RetryPolicy,
+    classify_exception,
+    classify_status,
+    retry_after_seconds,
+)
+
+SAFE, AMBIGUOUS, AUTH, REJECTION = (
+    FailureKind.SAFE,
+    FailureKind.AMBIGUOUS,
+    FailureKind.AUTH,
+    FailureKind.REJECTION,
+)
+
+# ---------------------------------------------------------------------------------------------
+# classify_status
+
+
+@pytest.mark.parametrize("status", [200, 201, 202])
+@pytest.mark.parametrize("is_sync", [False, True])
+def test_accepted_statuses_are_not_failures(status: int, is_sync: bool) -> None:
+    assert classify_status(status, {"id": "x"}, is_sync=is_sync) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (429, SAFE),
+        (503, SAFE),
+        (408, SAFE),
+        (500, AMBIGUOUS),
+        (502, AMBIGUOUS),
+        (504, AMBIGUOUS),
+        (507, AMBIGUOUS),
+        (599, AMBIGUOUS),
+        (401, AUTH),
+        (403, AUTH),
+        (400, REJECTION),
+        (404, REJECTION),
+        (405, REJECTION),
+        (409, REJECTION),
+        (410, REJECTION),
+        (413, REJECTION),
+        (422, REJECTION),
+        (501, REJECTION),
+        (301, REJECTION),
+        (302, REJECTION),
+        (307, REJECTION),
+        (308, REJECTION),
+        (204, AMBIGUOUS),
+        (206, AMBIGUOUS),
+    ],
+)
+def test_status_classes_async(status: int, kind: FailureKind) -> None:
+    assert classify_status(status, None, is_sync=False) is kind
+
+
+def test_501_is_a_rejection_not_an_unknown_5xx() -> None:
+    assert (
+        classify_status(501, {"code": 501, "message": "Not Implemented"}, is_sync=True) is REJECTION
+    )
+
+
+def _operation(*logs: dict[str, object]) -> dict[str, object]:
+    return {"id": "op-1", "status": "failed", "resource": "message", "logs": list(logs)}
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        (_operation({"status": "failed", "error_type": "network"}), AMBIGUOUS),
+        (
+            _operation({"status": "failed", "error_type": "tsp", "response_status_code": 429}),
+            AMBIGUOUS,
+        ),
+        (
+            _operation({"status": "failed", "error_type": "tsp", "response_status_code": 500}),
+            AMBIGUOUS,
+        ),
+        (
+            _operation({"status": "failed", "error_type": "tsp", "response_status_code": 503}),
+            AMBIGUOUS,
+        ),
+        (
+            _operation({"status": "failed", "error_type": "tsp", "response_status_code": 400}),
+            REJECTION,
+        ),
+        (_operation({"status": "failed", "error_type": "validation"}), REJECTION),
+        (
+            _operation({"status": "failed", "error_type": "auth", "response_status_code": 401}),
+            REJECTION,
+        ),
+        (
+            _operation({"status": "failed", "error_type": "tsp", "response_status_code": None}),
+            REJECTION,
+        ),
+        # Only the LAST log entry counts.
+        (
+            _operation(
+                {"status": "failed", "error_type": "network"},
+                {"status": "failed", "error_type": "tsp", "response_status_code": 422},
+            ),
+            REJECTION,
+        ),
+        (
+            _operation(
+                {"status": "failed", "error_type": "tsp", "response_status_code": 422},
+                {"status": "failed", "error_type": "network"},
+            ),
+            AMBIGUOUS,
+        ),
+        # An operation without logs: Catena answered and refused, nothing points at an outage.
+        (_operation(), REJECTION),
+        ({"id": "op-1", "status": "failed"}, REJECTION),
+        # Not an operation at all: a gateway answered, the request may have been processed.
+        (None, AMBIGUOUS),
+        ({"message": "Bad Gateway"}, AMBIGUOUS),
+        ("<html>bad gateway</html>", AMBIGUOUS),
+    ],
+)
+def test_sync_502_depends_on_last_log(body: object, kind: FailureKind) -> None:
+    assert classify_status(502, body, is_sync=True) is kind
+
+
+def test_sync_502_with_bool_status_code_is_not_a_5xx() -> None:
+    body = _operation({"status": "failed", "error_type": "tsp", "response_status_code": True})
+    assert classify_status(502, body, is_sync=True) is REJECTION
+
+
+def test_async_502_ignores_the_body() -> None:
+    body = _operation({"status": "failed", "error_type": "tsp", "response_status_code": 400})
+    assert classify_status(502, body, is_sync=False) is AMBIGUOUS
+
+
+# ---------------------------------------------------------------------------------------------
+# classify_exception with real sockets
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _read_request(conn: socket.socket) -> bytes:
+    """Read until the end of headers plus the declared body, so the request was fully sent."""
+    conn.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+@contextmanager
+def one_shot_server(handler: Callable[[socket.socket], object]) -> Iterator[str]:
+    """A loopback server that accepts one connection, runs ``handler`` on it, then stops."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        try:
+            handler(conn)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.close()
+        thread.join(timeout=5)
+
+
+def _post(url: str, timeout: float | tuple[float, float] = 5.0) -> BaseException:
+    with requests.Session() as session:
+        try:
+            session.post(url + "/v2/telematics/messages", json={"a": 1}, timeout=timeout)
+        except requests.RequestException as exc:
+            return exc
+    raise AssertionError("the request unexpectedly succeeded")
+
+
+def test_connection_refused_is_safe() -> None:
+    exc = _post(f"http://127.0.0.1:{_free_port()}")
+    assert isinstance(exc, requests.ConnectionError)
+    assert classify_exception(exc) is SAFE
+
+
+def test_name_resolution_failure_is_safe() -> None:
+    exc = _post("http://no-such-host.invalid")
+    assert classify_exception(exc) is SAFE
+
+
+def test_connect_timeout_is_safe() -> None:
+    # A listener whose accept queue is full drops further SYNs, so connect() times out.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+        time.sleep(0.05)
+        exc = _post(f"http://127.0.0.1:{port}", timeout=(0.3, 5))
+    finally:
+        for f in fillers:
+            f.close()
+        srv.close()
+    if not isinstance(exc, requests.ConnectTimeout):
+        pytest.skip(f"this kernel does not drop SYNs on a full backlog ({type(exc).__name__})")
+    assert classify_exception(exc) is SAFE
+
+
+def test_close_after_reading_request_is_ambiguous() -> None:
+    with one_shot_server(_read_request) as url:
+        exc = _post(url)
+    assert isinstance(exc, requests.ConnectionError)
+    assert classify_exception(exc) is AMBIGUOUS
+
+
+def _reset(conn: socket.socket) -> None:
+    _read_request(conn)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_reset_after_reading_request_is_ambiguous() -> None:
+    with one_shot_server(_reset) as url:
+        exc = _post(url)
+    assert isinstance(exc, requests.ConnectionError)
+    assert classify_exception(exc) is AMBIGUOUS
+
+
+def test_read_timeout_is_ambiguous() -> None:
+    done = threading.Event()
+
+    def stall(conn: socket.socket) -> None:
+        _read_request(conn)
+        done.wait(5)
+
+    with one_shot_server(stall) as url:
+        exc = _post(url, timeout=0.3)
+        done.set()
+    assert isinstance(exc, requests.ReadTimeout)
+    assert classify_exception(exc) is AMBIGUOUS
+
+
+def test_timeout_while_reading_body_is_ambiguous() -> None:
+    done = threading.Event()
+
+    def half_body(conn: socket.socket) -> None:
+        _read_request(conn)
+        conn.sendall(b'HTTP/1.1 202 Accepted\r\nContent-Length: 100\r\n\r\n{"id":')
+        done.wait(5)
+
+    with one_shot_server(half_body) as url:
+        exc = _post(url, timeout=0.3)
+        done.set()
+    assert classify_exception(exc) is AMBIGUOUS
+
+
+def test_truncated_chunked_body_is_ambiguous() -> None:
+    def truncated(conn: socket.socket) -> None:
+        _read_request(conn)
+        conn.sendall(
+            b'HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"id"\r\n'
+            b"zz-not-hex\r\n"
+        )
+
+    with one_shot_server(truncated) as url:
+        exc = _post(url)
+    assert isinstance(exc, requests.exceptions.ChunkedEncodingError)
+    assert classify_exception(exc) is AMBIGUOUS
+
+
+def test_invalid_url_is_a_rejection() -> None:
+    with requests.Session() as session, pytest.raises(requests.RequestException) as info:
+        session.post("http://[::1/v2", json={}, timeout=1)
+    assert classify_exception(info.value) is REJECTION
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl binary")
+def test_untrusted_certificate_is_safe(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    def tls(conn: socket.socket) -> None:
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls_conn:
+                _read_request(tls_conn)
+        except (ssl.SSLError, OSError):
+            pass
+
+    with one_shot_server(tls) as url:
+        exc = _post(url.replace("http://", "https://"))
+    assert isinstance(exc, requests.exceptions.SSLError)
+    assert classify_exception(exc) is SAFE
+
+
+# Chains requests builds that are awkward to provoke with sockets; built the way urllib3 does.
+
+
+def test_max_retry_error_reason_is_followed() -> None:
+    refused = u3.NewConnectionError(None, "Failed to establish a new connection: refused")  # type: ignore[arg-type]
+    wrapped = requests.ConnectionError(u3.MaxRetryError(None, "/", reason=refused))  # type: ignore[arg-type]
+    assert classify_exception(wrapped) is SAFE
+    proto = u3.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
+    wrapped = requests.ConnectionError(u3.MaxRetryError(None, "/", reason=proto))  # type: ignore[arg-type]
+    assert classify_exception(wrapped) is AMBIGUOUS
+
+
+def test_protocol_error_args_are_followed() -> None:
+    exc = requests.ConnectionError(
+        u3.ProtocolError("Connection aborted.", http.client.RemoteDisconnected("closed"))
+    )
+    assert classify_exception(exc) is AMBIGUOUS
+
+
+def test_conflicting_evidence_is_ambiguous() -> None:
+    inner = u3.ProtocolError("aborted", ConnectionRefusedError(111, "refused"))
+    assert classify_exception(requests.ConnectionError(inner)) is AMBIGUOUS
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        requests.ConnectionError("something odd"),
+        TimeoutError("timed out"),
+        OSError("boom"),
+        RuntimeError("unknown"),
+        ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
+    ],
+)
+def test_no_evidence_means_ambiguous(exc: BaseException) -> None:
+    assert classify_exception(exc) is AMBIGUOUS
+
+
+def test_raw_socket_errors() -> None:
+    assert classify_exception(ConnectionRefusedError(111, "refused")) is SAFE
+    assert classify_exception(ConnectionResetError(104, "reset")) is AMBIGUOUS
+    assert classify_exception(BrokenPipeError(32, "pipe")) is AMBIGUOUS
+
+
+def test_self_referencing_chain_terminates() -> None:
+    a = requests.ConnectionError("a")
+    b = requests.ConnectionError("b")
+    a.__context__ = b
+    b.__context__ = a
+    assert classify_exception(a) is AMBIGUOUS
+
+
+# ---------------------------------------------------------------------------------------------
+# retry_after_seconds
+
+
+def test_retry_after_from_body() -> None:
+    body = {"code": 429, "message": "Too Many Requests", "detail": {"retry_after_seconds": 7}}
+    assert retry_after_seconds(body, {"Retry-After": "99"}) == 7.0
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "expected"),
+    [
+        ({"detail": {"retry_after_seconds": 1.5}}, {}, 1.5),
+        ({"detail": {"retry_after_seconds": "3"}}, {}, 3.0),
+        ({"detail": {"retry_after_seconds": -4}}, {}, 0.0),
+        ({"detail": {"retry_after_seconds": True}}, {}, None),
+        ({"detail": {"retry_after_seconds": "soon"}}, {}, None),
+        ({"detail": {"retry_after_seconds": float("nan")}}, {}, None),
+        ({"detail": {"message": "slow down"}}, {"Retry-After": "2"}, 2.0),
+        ({"detail": None}, {"retry-after": "5"}, 5.0),
+        ({"detail": "text"}, {"RETRY-AFTER": " 4 "}, 4.0),
+        (None, {"Retry-After": "0"}, 0.0),
+        (None, {}, None),
+        ("<html>", {"Retry-After": "not a date"}, None),
+        ({"message": "x"}, {"Content-Type": "application/json"}, None),
+    ],
+)
+def test_retry_after_sources(body: object, headers: dict[str, str], expected: float | None) -> None:
+    assert retry_after_seconds(body, headers) == expected
+
+
+def test_retry_after_http_date() -> None:
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    later = format_datetime(now + timedelta(seconds=30), usegmt=True)
+    assert retry_after_seconds(None, {"Retry-After": later}, now=now) == 30.0
+    earlier = format_datetime(now - timedelta(seconds=30), usegmt=True)
+    assert retry_after_seconds(None, {"Retry-After": earlier}, now=now) == 0.0
+
+
+def test_retry_after_with_requests_headers() -> None:
+    headers = requests.structures.CaseInsensitiveDict({"retry-after": "3"})
+    assert retry_after_seconds({}, headers) == 3.0
+
+
+# ---------------------------------------------------------------------------------------------
+# RetryPolicy
+
+
+def test_ceiling_doubles_then_caps() -> None:
+    policy = RetryPolicy(base_seconds=0.5, cap_seconds=30.0)
+    assert [policy.ceiling(a) for a in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    assert policy.ceiling(10_000) == 30.0
+    assert policy.ceiling(-1) == 0.5
+
+
+@given(attempt=st.integers(min_value=0, max_value=10_000), seed=st.integers())
+def test_backoff_within_bounds(attempt: int, seed: int) -> None:
+    policy = RetryPolicy(base_seconds=0.25, cap_seconds=10.0)
+    wait = policy.backoff(attempt, random.Random(seed))
+    assert 0.0 <= wait <= policy.ceiling(attempt) <= 10.0
+
+
+def test_backoff_is_jittered_and_reproducible() -> None:
+    policy = RetryPolicy()
+    waits = [policy.backoff(5, random.Random(i)) for i in range(50)]
+    assert len(set(waits)) > 40  # full jitter, not a fixed delay
+    assert min(waits) < 0.25 * policy.ceiling(5) < 0.75 * policy.ceiling(5) < max(waits)
+    assert policy.backoff(3, random.Random(7)) == policy.backoff(3, random.Random(7))
+
+
+def test_may_retry_counts_and_time_budget() -> None:
+    policy = RetryPolicy(max_retries=3, max_retry_seconds=10.0)
+    assert policy.may_retry(0, 0.0, 1.0)
+    assert policy.may_retry(2, 5.0, 5.0)
+    assert not policy.may_retry(3, 0.0, 0.0)
+    assert not policy.may_retry(1, 9.0, 1.5)
+    assert not RetryPolicy(max_retries=0).may_retry(0, 0.0, 0.0)
+
+
+def test_defaults_match_the_contract() -> None:
+    policy = RetryPolicy()
+    assert (policy.max_retries, policy.max_retry_seconds) == (6, 900.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_retries": -1},
+        {"max_retry_seconds": -1.0},
+        {"base_seconds": 0.0},
+        {"base_seconds": 5.0, "cap_seconds": 1.0},
+    ],
+)
+def test_invalid_policies_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_policy_is_immutable() -> None:
+    policy = RetryPolicy()
+    with pytest.raises(AttributeError):
+        policy.max_retries = 1  # type: ignore[misc]
