@@ -1,0 +1,265 @@
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from target_catena_messages.report import RunReport
+
+STREAM = "public-dispatch_messages"
+HTTP = {
+    "token_requests": 1,
+    "requests": 312,
+    "custom_b": 2,
+    "throttle_wait_seconds": 7.5,
+    "retries": 11,
+    "rejections": 3,
+    "throttled": 7,
+    "ambiguous_sends": 1,
+    "custom_a": 0.25,
+}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def filled_report(clock: FakeClock | None = None) -> RunReport:
+    report = RunReport("run-42", clock=clock or FakeClock())
+    for _ in range(291):
+        report.count(STREAM, "accepted")
+    for _ in range(4):
+        report.count(STREAM, "duplicate")
+    for _ in range(7):
+        report.count(STREAM, "dead_lettered", "validation")
+    report.count(STREAM, "dead_lettered", "ambiguous")
+    for _ in range(2):
+        report.count(STREAM, "expired")
+    report.count(STREAM, "previously_dead_lettered")
+    report.count("public-loads", "dead_lettered", "api")
+    report.count("public-loads", "dead_lettered", "confirmation")
+    report.count("public-loads", "accepted")
+    return report
+
+
+def test_counts_per_stream_and_stage() -> None:
+    report = filled_report()
+    main = report.streams[STREAM]
+    assert (main.accepted, main.duplicates, main.expired, main.previously_dead_lettered) == (
+        291,
+        4,
+        2,
+        1,
+    )
+    assert main.dead_lettered_by_stage == {
+        "validation": 7,
+        "api": 0,
+        "ambiguous": 1,
+        "confirmation": 0,
+    }
+    assert main.dead_lettered == 8
+    assert main.done == 306
+    loads = report.streams["public-loads"]
+    assert loads.dead_lettered_by_stage == {
+        "validation": 0,
+        "api": 1,
+        "ambiguous": 0,
+        "confirmation": 1,
+    }
+    total = report.totals()
+    assert (total.accepted, total.dead_lettered, total.done) == (292, 10, 309)
+
+
+def test_bad_counts_are_loud() -> None:
+    report = RunReport("run")
+    with pytest.raises(ValueError, match="outcome"):
+        report.count(STREAM, "sent")
+    with pytest.raises(ValueError, match="stage"):
+        report.count(STREAM, "dead_lettered")
+    with pytest.raises(ValueError, match="stage"):
+        report.count(STREAM, "dead_lettered", "expired")
+    assert report.totals().done == 0
+
+
+def test_progress_cadence_with_fake_clock() -> None:
+    clock = FakeClock()
+    report = RunReport("run", clock=clock, progress_every=10.0)
+    for _ in range(50):
+        report.count(STREAM, "accepted")
+    assert report.progress_line(in_flight=3, queued=10, http=HTTP) is None
+    clock.now += 9.9
+    assert report.progress_line(in_flight=3, queued=10, http=HTTP) is None
+    clock.now += 0.1
+    line = report.progress_line(in_flight=3, queued=10, http=HTTP)
+    assert line is not None
+    assert "\n" not in line
+    assert "50 records done (5.0/s)" in line
+    assert "50 accepted" in line
+    assert "0 dead-lettered" in line
+    assert "3 in flight" in line
+    assert "10 queued" in line
+    assert "11 retries" in line
+    assert "7 throttled (429)" in line
+    # the next line waits a full period again, and its rate covers only that period
+    clock.now += 5
+    assert report.progress_line(in_flight=0, queued=0, http={}) is None
+    for _ in range(1950):
+        report.count(STREAM, "accepted")
+    report.count(STREAM, "dead_lettered", "api")
+    report.count(STREAM, "expired")
+    clock.now += 5
+    line = report.progress_line(in_flight=0, queued=0, http={})
+    assert line is not None
+    assert "2,002 records done (195.2/s)" in line
+    assert "2 dead-lettered" in line
+    assert "0 retries" in line
+    assert report.progress_line(in_flight=0, queued=0, http={}) is None
+
+
+def summary_of(report: RunReport) -> tuple[list[str], dict[str, object]]:
+    return report.summary(
+        dead_letter_path="output/dead-letters.jsonl",
+        dead_letters_written=12,
+        ledger_location="sqlite:////srv/output/ledger.sqlite",
+        http=HTTP,
+        exit_code=2,
+        elapsed=23.456,
+    )
+
+
+def row(lines: list[str], label: str, occurrence: int = 0) -> str:
+    matches = [line for line in lines if line.strip().startswith(label)]
+    return matches[occurrence]
+
+
+def test_summary_human_lines() -> None:
+    lines, _ = summary_of(filled_report())
+    text = "\n".join(lines)
+    assert lines[0].startswith("Catena delivery summary, run run-42: 309 records in 23.5 s")
+    assert "exit code 2" in lines[0]
+    assert STREAM in text
+    assert "public-loads" in text
+    assert "all streams" in text  # several streams get a total block
+    assert row(lines, "accepted").split()[-1] == "291"
+    assert row(lines, "duplicates").split()[-1] == "4"
+    assert row(lines, "dead-lettered").split()[-1] == "8"
+    assert row(lines, "invalid record (validation)").split()[-1] == "7"
+    assert row(lines, "send outcome unknown (ambiguous)").split()[-1] == "1"
+    assert row(lines, "refused by Catena (api)").split()[-1] == "1"  # public-loads
+    assert row(lines, "expired").split()[-1] == "2"
+    assert row(lines, "dead-lettered in an earlier run").split()[-1] == "1"
+    assert row(lines, "accepted", 2).split()[-1] == "292"  # all streams
+    assert "12  to output/dead-letters.jsonl" in row(lines, "dead letters written")
+    assert row(lines, "ledger").endswith("sqlite:////srv/output/ledger.sqlite")
+    http_labels = [
+        "requests sent",
+        "retries",
+        "ambiguous sends",
+        "throttled by Catena (429)",
+        "seconds waited for throttling",
+        "token requests",
+        "rejected by Catena",
+        "custom a",
+        "custom b",
+    ]
+    positions = [next(i for i, line in enumerate(lines) if label in line) for label in http_labels]
+    assert positions == sorted(positions)  # fixed order for known keys, then the rest sorted
+    assert row(lines, "seconds waited").split()[-1] == "7.5"
+    assert row(lines, "requests sent").split()[-1] == "312"
+    # numbers right-aligned in one column
+    number_rows = [line for line in lines[1:] if re.search(r"\d$", line) and "  to " not in line]
+    assert len({len(line) for line in number_rows}) == 1
+    assert all(not line.endswith(" ") for line in lines)
+
+
+def test_single_stream_has_no_total_block_and_hides_empty_stages() -> None:
+    report = RunReport("r")
+    report.count(STREAM, "accepted")
+    lines, data = report.summary(
+        dead_letter_path="d.jsonl",
+        dead_letters_written=0,
+        ledger_location="l",
+        http={},
+        exit_code=0,
+        elapsed=0.5,
+    )
+    text = "\n".join(lines)
+    assert "all streams" not in text
+    assert "(validation)" not in text
+    assert "Catena API" in text
+    assert data["http"] == {}
+    assert "dry run" not in text
+
+
+def test_dry_run_counts_shown() -> None:
+    report = RunReport("r")
+    report.count(STREAM, "would_send")
+    report.count(STREAM, "would_send")
+    report.count(STREAM, "dead_lettered", "validation")
+    lines, data = report.summary(
+        dead_letter_path="d.jsonl",
+        dead_letters_written=1,
+        ledger_location="l",
+        http={},
+        exit_code=2,
+        elapsed=0.5,
+    )
+    assert row(lines, "would be sent (dry run").split()[-1] == "2"
+    assert data["totals"]["would_send"] == 2
+    assert data["records"] == 3
+
+
+def test_has_failures_counts_this_run_only() -> None:
+    report = RunReport("r")
+    report.count(STREAM, "accepted")
+    report.count(STREAM, "duplicate")
+    report.count(STREAM, "previously_dead_lettered")
+    assert not report.has_failures()  # reported by the run that had it
+    report.count(STREAM, "expired")
+    assert report.has_failures()
+    other = RunReport("r")
+    other.count(STREAM, "dead_lettered", "confirmation")
+    assert other.has_failures()
+
+
+def test_summary_json_round_trip() -> None:
+    _, data = summary_of(filled_report())
+    line = json.dumps({"summary": data})  # how the target writes the final line
+    assert line.startswith('{"summary":')
+    back = json.loads(line)
+    assert back == {"summary": data}
+    summary = back["summary"]
+    assert summary["run_id"] == "run-42"
+    assert summary["exit_code"] == 2
+    assert summary["elapsed_seconds"] == 23.456
+    assert summary["records"] == 309
+    assert summary["streams"][STREAM] == {
+        "accepted": 291,
+        "duplicates": 4,
+        "dead_lettered": 8,
+        "dead_lettered_by_stage": {"validation": 7, "api": 0, "ambiguous": 1, "confirmation": 0},
+        "expired": 2,
+        "previously_dead_lettered": 1,
+        "would_send": 0,
+    }
+    assert summary["totals"]["accepted"] == 292
+    assert summary["totals"]["dead_lettered_by_stage"]["confirmation"] == 1
+    assert summary["dead_letters"] == {"path": "output/dead-letters.jsonl", "written": 12}
+    assert summary["ledger"] == "sqlite:////srv/output/ledger.sqlite"
+    assert list(summary["http"]) == [
+        "requests",
+        "retries",
+        "ambiguous_sends",
+        "throttled",
+        "throttle_wait_seconds",
+        "token_requests",
+        "rejections",
+        "custom_a",
+        "custom_b",
+    ]
+    assert summary["http"]["throttle_wait_seconds"] == 7.5
