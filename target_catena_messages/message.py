@@ -1,0 +1,375 @@
+"""From a mapped record to a Create Message body: build it, validate it, key it, time it.
+
+Everything here is pure (the two schema files are read once), so the sink can call it per record
+and the tests can try every combination. Validation has two speeds: a compiled fastjsonschema check
+decides valid/invalid for every record; only an invalid body pays for the jsonschema pass that lists
+*every* failing field, because a dead letter naming one problem at a time costs one run per problem.
+The two agree by construction: both use jsonschema's own ``uuid`` rule (fastjsonschema's stricter
+regex alone would let them disagree on lax forms such as a trailing ``}``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from importlib import resources
+from typing import Any, Literal
+from uuid import UUID
+
+import fastjsonschema
+from jsonschema import Draft202012Validator, ValidationError  # type: ignore[import-untyped]
+
+from target_catena_messages import jsonutil
+from target_catena_messages.errors import ConfigError
+
+SchemaVersion = Literal["source_ids", "catena_ids"]
+SCHEMA_VERSIONS: tuple[SchemaVersion, ...] = ("source_ids", "catena_ids")
+MESSAGE_TEXT = "message_text"
+_SHOW_LIMIT = 80
+_UUID_RE = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with one body field (``field`` None: the body as a whole)."""
+
+    field: str | None
+    message: str
+
+    def as_dict(self) -> dict[str, str | None]:
+        """The dead-letter ``errors`` item (contract §5)."""
+        return {"field": self.field, "message": self.message}
+
+
+@dataclass(frozen=True)
+class BodyRules:
+    """The settings that shape a body; equal rules and records give equal bodies."""
+
+    message_schema: SchemaVersion = "source_ids"
+    default_connection_id: str | None = None
+    connection_id_by_fleet_ref: Mapping[str, str] = field(default_factory=dict)
+    default_sender_id: str | None = None
+    allow_empty_message_text: bool = False
+
+    def __post_init__(self) -> None:
+        if self.message_schema not in SCHEMA_VERSIONS:
+            raise ValueError(f"unknown message_schema {self.message_schema!r}")
+
+
+@functools.cache
+def load_schema(version: SchemaVersion) -> Mapping[str, Any]:
+    """The selected body schema from package data, read once (treat as read-only)."""
+    text = resources.files("target_catena_messages.schemas").joinpath(f"{version}.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@functools.cache
+def _field_order(version: SchemaVersion) -> tuple[str, ...]:
+    return tuple(load_schema(version)["properties"])
+
+
+def body_fields(version: SchemaVersion) -> frozenset[str]:
+    """The names a body of this version may contain; every other record field stays home."""
+    return frozenset(_field_order(version))
+
+
+def _fleet_key(value: Any) -> str | None:
+    # fleet_ref may arrive as a number (a Decimal from JSON); the map's keys are always strings.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def build_body(record: Mapping[str, Any], rules: BodyRules) -> dict[str, Any]:
+    """The request body: the record's schema fields (None left out) plus id fallbacks.
+
+    Values pass through untouched, so validation sees exactly what would be sent.
+    """
+    body = {
+        name: record[name]
+        for name in _field_order(rules.message_schema)
+        if record.get(name) is not None
+    }
+    if "connection_id" not in body:
+        fleet = _fleet_key(record.get("fleet_ref"))
+        mapped = rules.connection_id_by_fleet_ref.get(fleet) if fleet is not None else None
+        connection_id = mapped if mapped is not None else rules.default_connection_id
+        if connection_id is not None:
+            body["connection_id"] = connection_id
+    if (
+        rules.message_schema == "catena_ids"
+        and "sender_id" not in body
+        and rules.default_sender_id is not None
+    ):
+        body["sender_id"] = rules.default_sender_id
+    return body
+
+
+def _is_uuid(value: str) -> bool:
+    """The ``uuid`` format rule of jsonschema, with the canonical form as a fast first try."""
+    if _UUID_RE.fullmatch(value):
+        return True
+    try:
+        UUID(value)
+    except ValueError:
+        return False
+    return all(value[position] == "-" for position in (8, 13, 18, 23))
+
+
+def _text_problem(body: Mapping[str, Any]) -> str | None:
+    """The project's rule: message_text present and not blank; None when it holds (or is no str)."""
+    hint = "(set allow_empty_message_text to send messages without text)"
+    if MESSAGE_TEXT not in body or body[MESSAGE_TEXT] is None:
+        return f"message_text is {'null' if MESSAGE_TEXT in body else 'missing'} {hint}"
+    text = body[MESSAGE_TEXT]
+    if isinstance(text, str) and not text.strip():
+        return f"message_text is blank, got {_show(text)}"
+    return None
+
+
+@functools.cache
+def _fast_check(version: SchemaVersion, allow_empty: bool) -> Callable[[dict[str, Any]], bool]:
+    compiled = fastjsonschema.compile(
+        dict(load_schema(version)), formats={"uuid": _is_uuid}, use_default=False
+    )
+    invalid = fastjsonschema.JsonSchemaValueException
+
+    def check(body: dict[str, Any]) -> bool:
+        try:
+            compiled(body)
+        except invalid:
+            return False
+        if allow_empty:
+            return True
+        text = body.get(MESSAGE_TEXT)
+        return isinstance(text, str) and bool(text.strip())
+
+    return check
+
+
+@functools.cache
+def _full_validator(version: SchemaVersion) -> Draft202012Validator:
+    return Draft202012Validator(
+        load_schema(version), format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+
+
+def _show(value: Any) -> str:
+    """A short, typed rendering of a bad value for an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        text = f"boolean {str(value).lower()}"
+    elif isinstance(value, str):
+        text = repr(value)
+    elif isinstance(value, (int, float, Decimal)):
+        text = f"{type(value).__name__} {value}"
+    else:
+        try:
+            text = f"{type(value).__name__} {jsonutil.dumps(value)}"
+        except (TypeError, ValueError):
+            text = f"{type(value).__name__} {value!r}"
+    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 1] + "…"
+
+
+def _expected(types: str | Sequence[str]) -> str:
+    names = [types] if isinstance(types, str) else list(types)
+    article = {"array": "an", "object": "an", "integer": "an"}
+    return " or ".join(
+        "null" if name == "null" else f"{article.get(name, 'a')} {name}" for name in names
+    )
+
+
+def _describe(error: ValidationError) -> tuple[str | None, str, list[FieldError]]:
+    """(field, validator kind, errors) for one jsonschema error, in this project's words."""
+    path = list(error.absolute_path)
+    name = str(path[0]) if path else None
+    prefix = f"item {path[1]}: " if len(path) > 1 else ""
+    kind = str(error.validator)
+    value = error.instance
+    if kind == "required":
+        missing = [p for p in error.validator_value if p not in value]
+        return None, kind, [FieldError(p, f"{p} is required (missing or null)") for p in missing]
+    if kind == "type":
+        message = f"must be {_expected(error.validator_value)}, got {_show(value)}"
+    elif kind == "enum":
+        allowed = ", ".join(str(v) for v in error.validator_value if v is not None)
+        message = f"must be one of {allowed} (or null), got {_show(value)}"
+    elif kind == "format":
+        message = f"must be a {error.validator_value}, got {_show(value)}"
+    else:
+        message = error.message[:_SHOW_LIMIT]
+    return name, kind if not prefix else "item", [FieldError(name, prefix + message)]
+
+
+class BodyValidator:
+    """Validates bodies of one version against the spec plus the message_text rule."""
+
+    __slots__ = ("_allow_empty", "_check", "version")
+
+    def __init__(self, version: SchemaVersion, *, allow_empty_message_text: bool = False) -> None:
+        if version not in SCHEMA_VERSIONS:
+            raise ValueError(f"unknown message_schema {version!r}")
+        self.version = version
+        self._allow_empty = allow_empty_message_text
+        self._check = _fast_check(version, allow_empty_message_text)
+
+    def is_valid(self, body: Mapping[str, Any]) -> bool:
+        """The fast verdict alone (compiled schema + message_text rule)."""
+        return self._check(body if isinstance(body, dict) else dict(body))
+
+    def errors(self, body: Mapping[str, Any]) -> list[FieldError]:
+        """Every problem with the body, sorted by field; [] when it may be sent."""
+        if self.is_valid(body):
+            return []
+        found = self.explain(body)
+        # Never let a disagreement pass an invalid body: report it as a whole-body error.
+        return found or [FieldError(None, "body rejected by the compiled schema check")]
+
+    def explain(self, body: Mapping[str, Any]) -> list[FieldError]:
+        """The full jsonschema pass, always run: each failing field once per problem.
+
+        A wrong-typed enum field reports its type only (the enum miss says nothing new).
+        """
+        body = body if isinstance(body, dict) else dict(body)
+        typed: set[str | None] = set()
+        pending: list[tuple[str | None, str, FieldError]] = []
+        for error in _full_validator(self.version).iter_errors(body):
+            name, kind, found = _describe(error)
+            if kind == "type":
+                typed.add(name)
+            pending.extend((name, kind, item) for item in found)
+        result = {item for name, kind, item in pending if not (kind == "enum" and name in typed)}
+        if not self._allow_empty and (problem := _text_problem(body)) is not None:
+            result.add(FieldError(MESSAGE_TEXT, problem))
+        return sorted(result, key=lambda e: (e.field is not None, e.field or "", e.message))
+
+
+def _key_text(value: Any) -> str:
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, (dict, list, tuple)):
+        return jsonutil.canonical(value).decode()
+    return str(value)
+
+
+def _key_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, (dt.datetime, dt.date, dt.time)) else value
+
+
+def record_key(record: Mapping[str, Any], key_properties: Sequence[str]) -> str:
+    """The record's ledger key: one property as text, several as a JSON array string."""
+    if not key_properties:
+        raise ValueError("no key properties: key the record by body_hash_key instead")
+    values = []
+    for name in key_properties:
+        value = record.get(name)
+        if value is None:
+            raise ValueError(f"key property {name!r} is missing or null")
+        values.append(value)
+    if len(values) == 1:
+        return _key_text(values[0])
+    return jsonutil.dumps([_key_value(v) for v in values])
+
+
+def body_hash_key(body: Mapping[str, Any]) -> str:
+    """Key for streams without key properties: equal bodies, equal keys, across runs."""
+    return jsonutil.sha256_hex(body)
+
+
+def recipient_lane(body: Mapping[str, Any]) -> str:
+    """The ordering lane (contract §3): same (connection, recipient), same lane, one at a time."""
+    connection = body.get("connection_id") or ""
+    if (recipient := body.get("recipient_id")) is not None:
+        return f"{connection}|{recipient}"
+    ids = body.get("source_recipient_ids")
+    if isinstance(ids, list) and ids:
+        return f"{connection}|{jsonutil.dumps(sorted(ids, key=str))}"
+    return f"{connection}|{body.get('recipient_group') or ''}"
+
+
+def check_stream_schema(
+    stream: str,
+    properties: Mapping[str, Any],
+    key_properties: Sequence[str],
+    *,
+    allow_body_hash_keys: bool,
+) -> None:
+    """Refuse, at SCHEMA time, a stream that could only send empty or unkeyed messages.
+
+    Raises:
+        ConfigError: listing every problem found, each with its fix.
+    """
+    fields = sorted(properties)
+    problems = []
+    if MESSAGE_TEXT not in properties:
+        problems.append(
+            f"it has no {MESSAGE_TEXT!r} property (its fields: {', '.join(fields) or 'none'}); "
+            "a stream map must produce message_text, e.g. stream_maps: "
+            f'{{"{stream}": {{"message_text": "<expression>"}}}}'
+        )
+    if not key_properties and not allow_body_hash_keys:
+        others = [name for name in fields if name != MESSAGE_TEXT]
+        example = next(
+            (name for name in others if name.endswith("id")), others[0] if others else "id"
+        )
+        problems.append(
+            "it has no key properties; set them with __key_properties__ in stream_maps, e.g. "
+            f'{{"{stream}": {{"__key_properties__": ["{example}"]}}}}, '
+            "or set allow_body_hash_keys: true to key records by a hash of their body"
+        )
+    unknown = [name for name in key_properties if name not in properties]
+    if unknown:
+        problems.append(f"key properties not among its fields: {', '.join(unknown)}")
+    if problems:
+        raise ConfigError(f"Stream {stream!r} cannot be loaded", problems)
+
+
+def message_time(record: Mapping[str, Any], field: str) -> dt.datetime | None:
+    """The record's creation time as an aware datetime (naive input counts as UTC); None if absent.
+
+    Raises:
+        ValueError: the value is neither a datetime, an ISO-8601 string nor epoch seconds.
+    """
+    value = record.get(field)
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        parsed = value
+    elif isinstance(value, dt.date):  # a `format: date` field parsed by the SDK
+        parsed = dt.datetime.combine(value, dt.time())
+    elif isinstance(value, str):
+        text = value.strip()
+        if text[-1:] in ("Z", "z"):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{field} is not an ISO-8601 time: {_show(value)}") from None
+    elif isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        try:
+            parsed = dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError(f"{field} is not a usable epoch time: {_show(value)}") from None
+    else:
+        raise ValueError(f"{field} is not a time: {_show(value)}")  # noqa: TRY004 (a bad value)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def is_expired(created: dt.datetime, max_age_hours: float, now: dt.datetime) -> bool:
+    """True when the message is strictly older than the limit (naive datetimes count as UTC)."""
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=dt.timezone.utc)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=dt.timezone.utc)
+    return now - created > dt.timedelta(hours=max_age_hours)
