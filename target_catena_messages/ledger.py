@@ -1,0 +1,762 @@
+"""The ledger: which message keys were claimed, accepted or dead-lettered, across runs.
+
+Catena has no idempotency key, so this table is what keeps a message from being sent twice. A key is
+CLAIMED (committed, with a lease) before its POST and its OUTCOME is committed before any STATE that
+covers it. Several target processes may share one PostgreSQL ledger; a claim whose lease ran out
+without an outcome means its process died mid-send, so the next claimant gets ``RECOVER`` and must
+look for an existing operation before resending.
+
+One SQLAlchemy Core code path serves SQLite and PostgreSQL; the only dialect branches are the
+``INSERT ... ON CONFLICT`` construct, the lock that serialises writers (``BEGIN IMMEDIATE`` on
+SQLite, row locks plus an advisory lock for DDL on PostgreSQL) and a ``"C"`` collation on
+PostgreSQL, so the database orders keys exactly as Python does and every writer locks rows in one
+global order (no deadlocks between overlapping batches).
+
+SQLite runs in WAL mode with ``synchronous=FULL``. ``NORMAL`` survives a crash of the *process* but
+can lose the last commits on power loss or an OS crash, and a lost claim means a resend after the
+POST happened. ``FULL`` fsyncs the WAL on every commit; we commit once per batch: it costs little.
+
+Only a hex fingerprint of each body is stored, never message text.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sqlite3
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, Connection, Engine
+
+from target_catena_messages.errors import ConfigError, FatalError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Key = tuple[str, str]
+
+CLAIMED, ACCEPTED, DEAD_LETTERED = "claimed", "accepted", "dead_lettered"
+_CHUNK = 500  # bound parameters per IN list: far below SQLite's and PostgreSQL's limits
+_SQLITE_BUSY_SECONDS = 60.0  # wait for another process's write transaction instead of failing
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock: rolled back
+_TRANSIENT_RETRIES = 3
+_DDL_LOCK_ID = 0x43_41_54_45_4E_41  # pg_advisory_xact_lock id for creating the table ("CATENA")
+_FINGERPRINT = re.compile(r"[0-9a-f]{32,128}")
+_WRITE_OPTION = "catena_ledger_write"
+
+
+class LedgerError(FatalError):
+    """The ledger cannot be opened or written: no message may be sent without it."""
+
+
+class LedgerReadOnlyError(LedgerError):
+    """A write on a ledger opened read-only (dry runs): a caller bug, never silently ignored."""
+
+
+class Decision(str, Enum):
+    """What the caller does with a key it wants to send."""
+
+    SEND = "send"
+    DUPLICATE = "duplicate"
+    PREVIOUSLY_DEAD_LETTERED = "previously_dead_lettered"
+    IN_PROGRESS_ELSEWHERE = "in_progress_elsewhere"
+    RECOVER = "recover"
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """One key to claim; ``fingerprint`` is the hex hash of the body and the settings shaping it."""
+
+    namespace: str
+    key: str
+    fingerprint: str
+    connection_id: str | None
+
+    def __post_init__(self) -> None:
+        _check_fingerprint(self.fingerprint)
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """The decision for one key.
+
+    ``prior_claimed_at`` is, for ``RECOVER``, the earliest moment an unresolved send of this key
+    may have started (the lower bound for the operation lookup); for ``IN_PROGRESS_ELSEWHERE`` it
+    is when the holder claimed it.
+    """
+
+    decision: Decision
+    operation_id: str | None = None
+    stage: str | None = None
+    prior_claimed_at: datetime | None = None
+    prior_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class LedgerOutcome:
+    """What finally happened to one key; accepted needs an operation id, a dead letter its stage."""
+
+    namespace: str
+    key: str
+    status: Literal["accepted", "dead_lettered"]
+    fingerprint: str
+    operation_id: str | None = None
+    stage: str | None = None
+    attempts: int = 0
+    connection_id: str | None = None
+    confirmed_status: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_fingerprint(self.fingerprint)
+        if self.status == ACCEPTED and not self.operation_id:
+            raise ValueError(f"accepted outcome for key {self.key!r} needs an operation_id")
+        if self.status == DEAD_LETTERED and not self.stage:
+            raise ValueError(f"dead-lettered outcome for key {self.key!r} needs a stage")
+        if self.status not in (ACCEPTED, DEAD_LETTERED):
+            raise ValueError(f"unknown outcome status {self.status!r}")
+
+
+def _check_fingerprint(fingerprint: str) -> None:
+    # A guard as much as a check: whatever is passed here is stored, and it must never be text.
+    if not _FINGERPRINT.fullmatch(fingerprint):
+        raise ValueError("fingerprint must be a lowercase hex digest (32-128 characters)")
+
+
+class _UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on both dialects."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("ledger timestamps must be timezone-aware")
+        value = value.astimezone(timezone.utc)
+        # SQLite stores text and would drop the offset anyway; keep what it stores unambiguous.
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+_ID = sa.String().with_variant(sa.String(collation="C"), "postgresql")
+METADATA = sa.MetaData()
+TABLE = sa.Table(
+    "catena_message_ledger",
+    METADATA,
+    sa.Column("namespace", _ID, primary_key=True),
+    sa.Column("key", _ID, primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("fingerprint", sa.String(128), nullable=False),
+    sa.Column("operation_id", sa.String(), index=True),
+    sa.Column("stage", sa.String()),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("connection_id", sa.String()),
+    sa.Column("run_id", sa.String(), nullable=False),
+    sa.Column("claimed_at", _UTCDateTime()),
+    sa.Column("lease_until", _UTCDateTime()),
+    # Set while a claim carries an unresolved earlier send: the earliest time it may have begun.
+    sa.Column("ambiguous_since", _UTCDateTime()),
+    sa.Column("resolved_at", _UTCDateTime()),
+    sa.Column("confirmed_status", sa.String()),
+    sa.Column("updated_at", _UTCDateTime(), nullable=False),
+    sa.CheckConstraint(
+        "status IN ('claimed', 'accepted', 'dead_lettered')", name="ck_catena_ledger_status"
+    ),
+)
+C = TABLE.c
+
+
+def new_run_id() -> str:
+    """A run id that says where the run lives: ``host/pid/nonce``.
+
+    Lets a restarted target on the same machine see at once that the run holding a claim is dead,
+    instead of waiting for the lease (which is what protects claims across machines).
+    """
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+def holder_alive(run_id: str) -> bool:
+    """False only when ``run_id`` is provably a dead process on this machine."""
+    host, _, rest = run_id.partition("/")
+    pid_text = rest.partition("/")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True  # another machine, or an old-style id: trust the lease
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _decide(
+    row: Mapping[str, Any] | None,
+    fingerprint: str,
+    run_id: str,
+    now: datetime,
+    alive: Callable[[str], bool] = holder_alive,
+) -> ClaimResult:
+    """The claim decision for one existing row (pure; shared by claim and peek)."""
+    if row is None:
+        return ClaimResult(Decision.SEND)
+    if row["status"] == ACCEPTED:
+        return ClaimResult(Decision.DUPLICATE, operation_id=row["operation_id"])
+    if row["status"] == DEAD_LETTERED:
+        if row["fingerprint"] == fingerprint:
+            return ClaimResult(
+                Decision.PREVIOUSLY_DEAD_LETTERED,
+                operation_id=row["operation_id"],
+                stage=row["stage"],
+            )
+        return ClaimResult(Decision.SEND, stage=row["stage"])
+    lease_until = row["lease_until"]
+    if (
+        row["run_id"] != run_id
+        and lease_until is not None
+        and lease_until > now
+        and alive(row["run_id"])
+    ):
+        return ClaimResult(
+            Decision.IN_PROGRESS_ELSEWHERE,
+            prior_claimed_at=row["claimed_at"],
+            prior_run_id=row["run_id"],
+        )
+    # Expired, or (should not happen) claimed again by this very run: either way nobody can tell
+    # whether a POST went out, so it is ambiguous rather than a plain SEND.
+    return ClaimResult(
+        Decision.RECOVER,
+        prior_claimed_at=row["ambiguous_since"] or row["claimed_at"],
+        prior_run_id=row["run_id"],
+    )
+
+
+def _utc(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(timezone.utc)
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now.astimezone(timezone.utc)
+
+
+def _unique_keys(items: Sequence[ClaimRequest] | Sequence[LedgerOutcome]) -> dict[Key, Any]:
+    by_key: dict[Key, Any] = {}
+    for item in items:
+        key = (item.namespace, item.key)
+        if key in by_key:
+            raise ValueError(f"key {key!r} passed twice in one ledger call")
+        by_key[key] = item
+    return by_key
+
+
+def _chunks(keys: Sequence[Key]) -> Iterator[tuple[str, list[str]]]:
+    """(namespace, keys) groups of at most _CHUNK, in sorted order (the global lock order)."""
+    ordered = sorted(set(keys))
+    start = 0
+    while start < len(ordered):
+        namespace = ordered[start][0]
+        group = [k for ns, k in ordered[start : start + _CHUNK] if ns == namespace]
+        yield namespace, group
+        start += len(group)
+
+
+def _match(namespace: str, keys: list[str]) -> sa.ColumnElement[bool]:
+    return sa.and_(C.namespace == namespace, C.key.in_(keys))
+
+
+class Ledger:
+    """Claims, outcomes and leases of message keys; open it with :meth:`Ledger.open`."""
+
+    def __init__(
+        self,
+        engine: Engine | None,
+        *,
+        location: str,
+        run_id: str,
+        read_only: bool,
+        lease_seconds: float,
+    ) -> None:
+        self._engine = engine  # None: a read-only ledger that does not exist yet (empty)
+        self.location = location
+        self.run_id = run_id
+        self.read_only = read_only
+        self.lease = timedelta(seconds=lease_seconds)
+
+    @classmethod
+    def open(
+        cls, url: str, *, run_id: str, read_only: bool = False, lease_seconds: float = 300.0
+    ) -> Ledger:
+        """Connect, and create the table if missing (never when read-only).
+
+        Raises:
+            ConfigError: the URL is not a supported ledger URL.
+            LedgerError: the ledger cannot be opened or prepared.
+        """
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+        parsed = _parse_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            engine, location = _sqlite_engine(parsed, read_only=read_only)
+        else:
+            engine, location = _postgresql_engine(parsed, read_only=read_only)
+        ledger = cls(
+            engine,
+            location=location,
+            run_id=run_id,
+            read_only=read_only,
+            lease_seconds=lease_seconds,
+        )
+        ledger._prepare()
+        return ledger
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release all connections."""
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def count(self) -> int:
+        """Keys in the ledger, all namespaces."""
+        query = sa.select(sa.func.count()).select_from(TABLE)
+        return self._read(lambda conn: int(conn.scalar(query) or 0), 0)
+
+    def claim(
+        self, requests: Sequence[ClaimRequest], *, now: datetime | None = None
+    ) -> list[ClaimResult]:
+        """Decide and claim a batch in ONE transaction; results follow request order.
+
+        A key may appear only once per call (ValueError otherwise): one batch cannot race itself.
+        """
+        self._require_writable("claim")
+        by_key: dict[Key, ClaimRequest] = _unique_keys(requests)
+        if not by_key:
+            return []
+        at = _utc(now)
+        decided = self._write(lambda conn: self._claim_in(conn, by_key, at))
+        return [decided[(r.namespace, r.key)] for r in requests]
+
+    def peek(
+        self, requests: Sequence[ClaimRequest], *, now: datetime | None = None
+    ) -> list[ClaimResult]:
+        """The decisions :meth:`claim` would make, writing nothing (dry runs, read-only ledgers)."""
+        by_key: dict[Key, ClaimRequest] = _unique_keys(requests)
+        at = _utc(now)
+        found = self._lookup(list(by_key))
+        return [
+            _decide(found.get((r.namespace, r.key)), r.fingerprint, self.run_id, at)
+            for r in requests
+        ]
+
+    def record(self, outcomes: Sequence[LedgerOutcome], *, now: datetime | None = None) -> None:
+        """Store outcomes in ONE transaction and end their claims.
+
+        An upsert: validation dead letters were never claimed.
+        """
+        self._require_writable("record")
+        by_key: dict[Key, LedgerOutcome] = _unique_keys(outcomes)
+        if not by_key:
+            return
+        at = _utc(now)
+        self._write(lambda conn: self._record_in(conn, by_key, at))
+
+    def renew_leases(self, keys: Sequence[Key], *, now: datetime | None = None) -> None:
+        """Extend this run's open claims on ``keys`` (heartbeat while messages wait to be sent)."""
+        self._require_writable("renew_leases")
+        at = _utc(now)
+        values = {"lease_until": at + self.lease, "updated_at": at}
+        renewed = self._write(lambda conn: self._update_own_claims(conn, keys, values))
+        if renewed < len(set(keys)):
+            logger.warning(
+                "%d of %d ledger claims were no longer held by this run when renewed",
+                len(set(keys)) - renewed,
+                len(set(keys)),
+            )
+
+    def release(self, keys: Sequence[Key]) -> None:
+        """Drop this run's claims that were never sent, so a later run sends them normally.
+
+        A claim that carries an earlier ambiguous send (it came from ``RECOVER``) stays ambiguous:
+        its lease is ended instead, and the next claimant gets ``RECOVER`` again. A key that was
+        dead-lettered before and reclaimed for a changed body is removed like a new one.
+        """
+        self._require_writable("release")
+        at = _utc(None)
+        self._write(lambda conn: self._release_in(conn, keys, at))
+
+    def operation_ids_in_use(self, operation_ids: Sequence[str]) -> set[str]:
+        """Which of these operation ids some key in the ledger already owns."""
+        ids = sorted(set(operation_ids))
+
+        def query(conn: Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                found.update(
+                    conn.scalars(sa.select(C.operation_id).where(C.operation_id.in_(chunk)))
+                )
+            return found
+
+        return self._read(query, set())
+
+    def get(self, namespace: str, key: str) -> dict[str, Any] | None:
+        """One row as a dict, or None."""
+        return self._lookup([(namespace, key)]).get((namespace, key))
+
+    def rows(
+        self, *, namespace: str | None = None, status: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Matching rows in key order, fetched page by page (no transaction held between pages)."""
+        after: Key | None = None
+        while True:
+            query = sa.select(TABLE).order_by(C.namespace, C.key).limit(_CHUNK)
+            if namespace is not None:
+                query = query.where(C.namespace == namespace)
+            if status is not None:
+                query = query.where(C.status == status)
+            if after is not None:
+                query = query.where(
+                    sa.or_(
+                        C.namespace > after[0], sa.and_(C.namespace == after[0], C.key > after[1])
+                    )
+                )
+            page = self._fetch(query)
+            yield from page
+            if len(page) < _CHUNK:
+                return
+            after = (page[-1]["namespace"], page[-1]["key"])
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    def _lookup(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
+        empty: dict[Key, dict[str, Any]] = {}
+        return self._read(lambda conn: self._select(conn, keys, lock=False), empty)
+
+    def _fetch(self, query: sa.Select[Any]) -> list[dict[str, Any]]:
+        empty: list[dict[str, Any]] = []
+        return self._read(lambda conn: [dict(r) for r in conn.execute(query).mappings()], empty)
+
+    def _require_writable(self, what: str) -> None:
+        if self.read_only:
+            raise LedgerReadOnlyError(f"ledger at {self.location} is read-only; {what} refused")
+
+    def _read(self, work: Callable[[Connection], T], empty: T) -> T:
+        if self._engine is None:
+            return empty
+        try:
+            with self._engine.connect() as conn, conn.begin():
+                return work(conn)
+        except sa.exc.SQLAlchemyError as exc:
+            raise LedgerError(f"ledger at {self.location}: {_reason(exc)}") from exc
+
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        assert self._engine is not None  # writable ledgers always have one
+        attempt = 0
+        while True:
+            try:
+                with self._engine.connect() as conn:
+                    conn.execution_options(**{_WRITE_OPTION: True})
+                    with conn.begin():
+                        return work(conn)
+            except sa.exc.DBAPIError as exc:
+                # Deadlocks and serialization failures were rolled back: retrying is safe. Anything
+                # else (a lost connection during COMMIT) may have committed: never guess, stop.
+                if (
+                    getattr(exc.orig, "sqlstate", None) in _TRANSIENT_SQLSTATES
+                    and attempt < _TRANSIENT_RETRIES
+                ):
+                    attempt += 1
+                    logger.info("ledger transaction retried after %s", _reason(exc))
+                    continue
+                raise LedgerError(f"ledger at {self.location}: {_reason(exc)}") from exc
+            except sa.exc.SQLAlchemyError as exc:
+                raise LedgerError(f"ledger at {self.location}: {_reason(exc)}") from exc
+
+    def _prepare(self) -> None:
+        if self._engine is None:
+            return
+        if self.read_only:
+            if not self._read(lambda conn: sa.inspect(conn).has_table(TABLE.name), False):
+                self.close()
+                self._engine = None  # no table yet: an empty ledger, and we create nothing
+                return
+        else:
+            self._write(_create_table)
+        names: set[str] = self._read(
+            lambda conn: {c["name"] for c in sa.inspect(conn).get_columns(TABLE.name)}, set()
+        )
+        missing = sorted(set(C.keys()) - names)
+        if missing:
+            raise LedgerError(
+                f"ledger table at {self.location} lacks columns {missing}; "
+                "it was made by another version"
+            )
+
+    # -- statements (inside a transaction) ------------------------------------------------------
+
+    def _insert(self, conn: Connection) -> Any:
+        dialect = pg_dialect if conn.dialect.name == "postgresql" else sqlite_dialect
+        return dialect.insert(TABLE)
+
+    def _select(
+        self, conn: Connection, keys: Sequence[Key], *, lock: bool
+    ) -> dict[Key, dict[str, Any]]:
+        found: dict[Key, dict[str, Any]] = {}
+        for namespace, group in _chunks(keys):
+            query = sa.select(TABLE).where(_match(namespace, group)).order_by(C.namespace, C.key)
+            if lock:
+                query = query.with_for_update()  # rendered on PostgreSQL; SQLite holds the db lock
+            for row in conn.execute(query).mappings():
+                found[(row["namespace"], row["key"])] = dict(row)
+        return found
+
+    def _claim_values(
+        self, request: ClaimRequest, at: datetime, ambiguous_since: datetime | None
+    ) -> dict[str, Any]:
+        return {
+            "namespace": request.namespace,
+            "key": request.key,
+            "status": CLAIMED,
+            "fingerprint": request.fingerprint,
+            "operation_id": None,
+            "stage": None,
+            "attempts": 0,
+            "connection_id": request.connection_id,
+            "run_id": self.run_id,
+            "claimed_at": at,
+            "lease_until": at + self.lease,
+            "ambiguous_since": ambiguous_since,
+            "resolved_at": None,
+            "confirmed_status": None,
+            "updated_at": at,
+        }
+
+    def _claim_in(
+        self, conn: Connection, by_key: dict[Key, ClaimRequest], at: datetime
+    ) -> dict[Key, ClaimResult]:
+        results: dict[Key, ClaimResult] = {}
+        pending = sorted(by_key)
+        # Normally one round. A row seen by the INSERT but deleted (released) by another process
+        # before our SELECT is simply missing: try those keys again.
+        for _ in range(5):
+            new_rows = [self._claim_values(by_key[k], at, None) for k in pending]
+            stmt = self._insert(conn).on_conflict_do_nothing(index_elements=[C.namespace, C.key])
+            inserted = {
+                (r.namespace, r.key)
+                for r in conn.execute(stmt.returning(C.namespace, C.key), new_rows)
+            }
+            results.update(dict.fromkeys(inserted, ClaimResult(Decision.SEND)))
+            existing = self._select(conn, [k for k in pending if k not in inserted], lock=True)
+            updates: list[dict[str, Any]] = []
+            for key, row in existing.items():
+                result = _decide(row, by_key[key].fingerprint, self.run_id, at)
+                results[key] = result
+                if result.decision in (Decision.SEND, Decision.RECOVER):
+                    ambiguous = (
+                        result.prior_claimed_at if result.decision is Decision.RECOVER else None
+                    )
+                    updates.append(self._claim_values(by_key[key], at, ambiguous))
+            self._update_rows(conn, updates)
+            pending = [k for k in pending if k not in results]
+            if not pending:
+                return results
+        raise LedgerError(f"ledger at {self.location}: keys kept changing while being claimed")
+
+    def _update_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        columns = [name for name in rows[0] if name not in ("namespace", "key")]
+        stmt = (
+            sa.update(TABLE)
+            .where(C.namespace == sa.bindparam("b_namespace"), C.key == sa.bindparam("b_key"))
+            .values({name: sa.bindparam(f"b_{name}") for name in columns})
+        )
+        conn.execute(stmt, [{f"b_{name}": value for name, value in row.items()} for row in rows])
+
+    def _record_in(self, conn: Connection, by_key: dict[Key, LedgerOutcome], at: datetime) -> None:
+        existing = self._select(conn, list(by_key), lock=True)  # also fixes the lock order
+        foreign = [
+            k
+            for k, row in existing.items()
+            if row["status"] == CLAIMED and row["run_id"] != self.run_id
+        ]
+        if foreign:
+            logger.warning(
+                "%d outcome(s) recorded for keys another run had reclaimed after this run's lease "
+                "ran out (e.g. %s); consider a longer lease",
+                len(foreign),
+                foreign[0],
+            )
+        rows = [
+            {
+                "namespace": o.namespace,
+                "key": o.key,
+                "status": o.status,
+                "fingerprint": o.fingerprint,
+                "operation_id": o.operation_id,
+                "stage": o.stage,
+                "attempts": o.attempts,
+                "connection_id": o.connection_id,
+                "run_id": self.run_id,
+                "claimed_at": None,
+                "lease_until": None,
+                "ambiguous_since": None,
+                "resolved_at": at,
+                "confirmed_status": o.confirmed_status,
+                "updated_at": at,
+            }
+            for o in (by_key[k] for k in sorted(by_key))
+        ]
+        insert = self._insert(conn)
+        kept = {"namespace", "key", "claimed_at"}  # claimed_at stays as history
+        stmt = insert.on_conflict_do_update(
+            index_elements=[C.namespace, C.key],
+            set_={name: insert.excluded[name] for name in rows[0] if name not in kept},
+        )
+        conn.execute(stmt, rows)
+
+    def _update_own_claims(
+        self, conn: Connection, keys: Sequence[Key], values: dict[str, Any]
+    ) -> int:
+        changed = 0
+        for namespace, group in _chunks(keys):
+            own = sa.and_(_match(namespace, group), C.status == CLAIMED, C.run_id == self.run_id)
+            conn.execute(sa.select(C.key).where(own).order_by(C.namespace, C.key).with_for_update())
+            changed += conn.execute(sa.update(TABLE).where(own).values(values)).rowcount
+        return changed
+
+    def _release_in(self, conn: Connection, keys: Sequence[Key], at: datetime) -> None:
+        for namespace, group in _chunks(keys):
+            own = sa.and_(_match(namespace, group), C.status == CLAIMED, C.run_id == self.run_id)
+            conn.execute(sa.select(C.key).where(own).order_by(C.namespace, C.key).with_for_update())
+            conn.execute(sa.delete(TABLE).where(own, C.ambiguous_since.is_(None)))
+            conn.execute(
+                sa.update(TABLE)
+                .where(own, C.ambiguous_since.is_not(None))
+                .values(lease_until=None, updated_at=at)
+            )
+
+
+def _create_table(conn: Connection) -> None:
+    # Two processes may start at once: serialise the check-and-create (SQLite: BEGIN IMMEDIATE).
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_ID)))
+    METADATA.create_all(conn, checkfirst=True)
+
+
+def _reason(exc: sa.exc.SQLAlchemyError) -> str:
+    """The driver's own message, first line: no SQL, no parameters."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- URLs and engines ---------------------------------------------------------------------------
+
+
+def _parse_url(url: str) -> URL:
+    try:
+        parsed = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        # Never echo the URL: it may carry a password.
+        raise ConfigError(
+            "ledger_url is not a valid URL (sqlite:///PATH or postgresql://...)"
+        ) from None
+    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        return parsed
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    raise ConfigError(
+        f"ledger_url scheme {parsed.drivername!r} is not supported; "
+        "use sqlite:///PATH or postgresql://..."
+    )
+
+
+def _sqlite_engine(url: URL, *, read_only: bool) -> tuple[Engine | None, str]:
+    if not url.database or url.database == ":memory:" or url.query:
+        raise ConfigError("ledger_url for SQLite must be sqlite:///PATH to a file, without options")
+    path = Path(url.database).expanduser().absolute()
+    if read_only:
+        if not path.is_file():
+            return None, str(path)  # an empty ledger; a dry run creates nothing
+    else:
+        _secure_file(path)
+    uri = f"file:{urllib.parse.quote(str(path))}?mode={'ro' if read_only else 'rw'}"
+
+    def connect() -> sqlite3.Connection:
+        # isolation_level=None: SQLAlchemy's "begin" hook below emits BEGIN itself.
+        conn = sqlite3.connect(
+            uri,
+            uri=True,
+            timeout=_SQLITE_BUSY_SECONDS,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        if not read_only:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    engine = sa.create_engine("sqlite+pysqlite://", creator=connect, poolclass=sa.pool.QueuePool)
+
+    @sa.event.listens_for(engine, "begin")
+    def begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock up front: two processes serialise instead of failing
+        # with SQLITE_BUSY when a deferred reader tries to become a writer.
+        write = conn.get_execution_options().get(_WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine, str(path)
+
+
+def _secure_file(path: Path) -> None:
+    """Create the file 0600 before SQLite sees it; narrow an existing one and its WAL files."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        os.close(fd)
+        for candidate in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            if candidate.exists() and candidate.stat().st_mode & 0o077:
+                candidate.chmod(0o600)
+    except OSError as exc:
+        raise LedgerError(f"ledger at {path} cannot be created: {exc.strerror}") from exc
+
+
+def _postgresql_engine(url: URL, *, read_only: bool) -> tuple[Engine, str]:
+    shown = URL.create("postgresql", url.username, None, url.host, url.port, url.database)
+    location = shown.render_as_string(hide_password=False)
+    connect_args: dict[str, Any] = {"application_name": "target-catena-messages"}
+    if "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = 10
+    if read_only:  # the server refuses writes too, not just this class
+        given = url.query.get("options", "")
+        given = given if isinstance(given, str) else " ".join(given)
+        connect_args["options"] = f"{given} -c default_transaction_read_only=on".strip()
+    engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    return engine, location
