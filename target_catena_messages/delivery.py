@@ -1,0 +1,320 @@
+"""Deliver messages concurrently, one at a time per driver, under one global cap; one Outcome each.
+
+Why this shape:
+- *Lanes*: messages for one (connection, recipient) go out strictly in input order, retries
+  included, so a driver never reads "go to dock 5" before "go to dock 4". A lane is worked by one
+  thread from start to end; different lanes run in parallel.
+- *One cap*: a semaphore around the HTTP call itself bounds requests in flight across every
+  stream and sink. Threads that sleep in a backoff hold no slot, so one failing driver does not
+  slow the others.
+- *One throttle*: a 429 pauses everybody (see throttle.py).
+- The engine never touches the ledger, the dead letters or STATE: it reports each Outcome through
+  a callback; the run's recorder makes it durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from target_catena_messages.catena.client import Accepted, CatenaClient, Failure
+from target_catena_messages.errors import FatalError
+from target_catena_messages.outcome import Message, Outcome, Resolution
+from target_catena_messages.retry import FailureKind, RetryPolicy
+from target_catena_messages.throttle import Throttle
+
+logger = logging.getLogger(__name__)
+
+
+class OperationLookup(Protocol):
+    """Finds the operation an ambiguous send may already have created (exactly-once support)."""
+
+    def find(self, message: Message) -> tuple[str | None, int]:
+        """Return (operation id, number of candidates); an id only when exactly one matched."""
+
+
+class RejectionBreaker:
+    """Trips after N rejections in a row with one status on one connection (contract §2).
+
+    A revoked grant or a wrong body version rejects every message: stop the run instead of
+    dead-lettering the whole backlog.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._streaks: dict[str | None, tuple[int, int]] = {}
+
+    def rejected(self, connection_id: str | None, status: int | None) -> str | None:
+        """Count a rejection; return the fatal reason once the limit is reached."""
+        with self._lock:
+            last, count = self._streaks.get(connection_id, (None, 0))
+            count = count + 1 if last == status else 1
+            self._streaks[connection_id] = (status or 0, count)
+        if count >= self._limit:
+            return (
+                f"{count} rejections in a row with status {status} on connection {connection_id}"
+                " (max_consecutive_rejections): check credentials, grants and message_schema"
+            )
+        return None
+
+    def accepted(self, connection_id: str | None) -> None:
+        """Any acceptance ends the streak."""
+        with self._lock:
+            self._streaks.pop(connection_id, None)
+
+
+class Delivery:
+    """The concurrent delivery engine."""
+
+    def __init__(
+        self,
+        client: CatenaClient,
+        *,
+        on_outcome: Callable[[Outcome], None],
+        policy: RetryPolicy,
+        throttle: Throttle,
+        max_concurrency: int,
+        max_ambiguous_resends: int,
+        max_consecutive_rejections: int,
+        is_sync: bool = False,
+        lookup: OperationLookup | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self._client = client
+        self._on_outcome = on_outcome
+        self._policy = policy
+        self._throttle = throttle
+        self._max_ambiguous_resends = max_ambiguous_resends
+        self._is_sync = is_sync
+        self._lookup = lookup
+        self._breaker = RejectionBreaker(max_consecutive_rejections)
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+        # More threads than slots: threads sleeping in a backoff must not starve other lanes.
+        self._pool = ThreadPoolExecutor(
+            max_workers=max_concurrency * 2, thread_name_prefix="catena-send"
+        )
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._lanes: dict[str, deque[Message]] = {}
+        self._outstanding = 0
+        self._in_flight = 0
+        self.peak_in_flight = 0
+        self._stop = stop or threading.Event()
+        self.fatal: BaseException | None = None
+        self._counts: Counter[str] = Counter()
+
+    # -- the caller's side -------------------------------------------------------------------
+
+    def submit(self, message: Message) -> None:
+        """Queue a message behind earlier ones of its lane; returns at once."""
+        with self._lock:
+            self._outstanding += 1
+            queue = self._lanes.get(message.lane)
+            if queue is not None:
+                queue.append(message)
+                return
+            self._lanes[message.lane] = deque()
+        self._pool.submit(self._work_lane, message)
+
+    @property
+    def outstanding(self) -> int:
+        """Messages submitted and not yet given an outcome."""
+        with self._lock:
+            return self._outstanding
+
+    @property
+    def in_flight(self) -> int:
+        """Requests on the wire right now."""
+        return self._in_flight
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every submitted message has an outcome."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
+
+    def stop(self) -> None:
+        """Take no new attempt: queued and waiting messages end ABANDONED, in-flight ones finish."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Stop the worker threads (after wait_idle or stop)."""
+        self._stop.set()
+        self._pool.shutdown(wait=True)
+
+    def counters(self) -> dict[str, float]:
+        """Request counters for progress lines and the summary."""
+        with self._lock:
+            counts: dict[str, float] = dict(self._counts)
+        counts["throttled"] = self._throttle.throttled
+        counts["throttle_wait_seconds"] = round(self._throttle.wait_seconds, 1)
+        counts["peak_in_flight"] = self.peak_in_flight
+        return counts
+
+    # -- the workers' side -------------------------------------------------------------------
+
+    def _work_lane(self, message: Message | None) -> None:
+        while message is not None:
+            outcome = self._deliver_guarded(message)
+            try:
+                self._on_outcome(outcome)
+            except BaseException as exc:  # the recorder failed: nothing more may be sent
+                self._fail(exc)
+            with self._lock:
+                self._outstanding -= 1
+                queue = self._lanes[message.lane]
+                if queue:
+                    message = queue.popleft()
+                else:
+                    del self._lanes[message.lane]
+                    message = None
+                self._idle.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+        self._stop.set()
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def _deliver_guarded(self, message: Message) -> Outcome:
+        try:
+            return self._deliver(message)
+        except FatalError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a bug must stop the run, not lose the message
+            logger.exception("delivery of %s/%s failed unexpectedly", message.stream, message.key)
+            self._fail(exc)
+        return Outcome(message, Resolution.ABANDONED)
+
+    def _post(self, message: Message) -> Accepted | Failure:
+        with self._slots:
+            with self._lock:
+                self._in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+                self._counts["requests"] += 1
+            try:
+                message.attempts += 1
+                message.last_sent_at = datetime.now(timezone.utc)
+                if message.first_sent_at is None:
+                    message.first_sent_at = message.last_sent_at
+                return self._client.create_message(message.body, is_sync=self._is_sync)
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+
+    def _deliver(self, message: Message) -> Outcome:
+        retries = 0
+        waited = 0.0
+        resends = 1 if message.recover else 0
+        if message.recover:
+            found = self._look_up(message)
+            if found is not None:
+                return found
+        while True:
+            if self._stop.is_set() or not self._throttle.wait_turn(self._stop):
+                return Outcome(message, Resolution.ABANDONED)
+            result = self._post(message)
+            if isinstance(result, Accepted):
+                self._breaker.accepted(message.connection_id)
+                return Outcome(message, Resolution.ACCEPTED, operation_id=result.operation_id)
+            if result.kind is FailureKind.REJECTION:
+                return self._rejected(message, result)
+            if result.status == 429:
+                pause = result.retry_after or self._policy.backoff(retries)
+                self._throttle.pause(pause)
+                waited += pause
+                if waited > self._policy.max_retry_seconds:
+                    return self._given_up(message, result, "api")
+                continue
+            if result.kind is FailureKind.AMBIGUOUS:
+                message.maybe_sent = True
+                self._count("ambiguous_sends")
+                found = self._look_up(message)
+                if found is not None:
+                    return found
+                if resends >= self._max_ambiguous_resends:
+                    return self._given_up(message, result, "ambiguous", retryable=False)
+                resends += 1
+            wait = self._policy.backoff(retries)
+            if not self._policy.may_retry(retries, waited, wait):
+                stage = "ambiguous" if message.maybe_sent else "api"
+                return self._given_up(message, result, stage, retryable=not message.maybe_sent)
+            retries += 1
+            waited += wait
+            self._count("retries")
+            if self._stop.wait(wait):
+                return Outcome(message, Resolution.ABANDONED)
+
+    def _look_up(self, message: Message) -> Outcome | None:
+        if self._lookup is None:
+            return None
+        operation_id, candidates = self._lookup.find(message)
+        if operation_id is not None:
+            self._count("operations_adopted")
+            return Outcome(message, Resolution.ACCEPTED, operation_id=operation_id)
+        if candidates == 0:
+            return None
+        reason = (
+            f"{candidates} operations at Catena match this message"
+            if candidates > 1
+            else "Catena's operation list could not be read"
+        )
+        return Outcome(
+            message,
+            Resolution.DEAD_LETTERED,
+            stage="ambiguous",
+            errors=(
+                {"field": None, "message": f"{reason}; not resent (it may have been delivered)"},
+            ),
+            retryable=False,
+        )
+
+    def _rejected(self, message: Message, result: Failure) -> Outcome:
+        self._count("rejections")
+        reason = self._breaker.rejected(message.connection_id, result.status)
+        if reason is not None:
+            self._fail(FatalError(reason))
+        return Outcome(
+            message,
+            Resolution.DEAD_LETTERED,
+            stage="api",
+            errors=_api_errors(result),
+            status=result.status,
+            api_error=result.api_error,
+            retryable=False,
+        )
+
+    def _given_up(
+        self, message: Message, result: Failure, stage: str, *, retryable: bool = True
+    ) -> Outcome:
+        return Outcome(
+            message,
+            Resolution.DEAD_LETTERED,
+            stage=stage,
+            errors=_api_errors(result),
+            status=result.status,
+            api_error=result.api_error,
+            retryable=retryable,
+        )
+
+
+def _api_errors(result: Failure) -> tuple[dict[str, Any], ...]:
+    """Catena's 422 detail as per-field errors; otherwise the one-line failure message."""
+    detail = result.api_error.get("detail") if isinstance(result.api_error, dict) else None
+    if isinstance(detail, list) and detail:
+        return tuple(
+            {
+                "field": str(item.get("path")) if isinstance(item, dict) else None,
+                "message": str(item.get("message")) if isinstance(item, dict) else str(item),
+            }
+            for item in detail
+        )
+    return ({"field": None, "message": result.message},)

@@ -1,0 +1,74 @@
+"""The two values that travel through a run: a message on its way, and what finally happened to it.
+
+Every record becomes one :class:`Message` and ends as exactly one :class:`Outcome`, whoever decides
+it (validation, the ledger, delivery). One type, one place that records it: nothing else decides
+what happened to a record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+
+class Resolution(str, Enum):
+    """What happened to a record."""
+
+    ACCEPTED = "accepted"  # queued at Catena; operation id known
+    DUPLICATE = "duplicate"  # accepted earlier (this run or another); its operation id reported
+    DEAD_LETTERED = "dead_lettered"  # not sent, or rejected: written to the dead letters
+    EXPIRED = "expired"  # older than max_message_age_hours: never sent
+    PREVIOUSLY_DEAD_LETTERED = "previously_dead_lettered"  # same body dead-lettered before
+    WOULD_SEND = "would_send"  # dry run: valid and new
+    ABANDONED = "abandoned"  # the run stopped first; NOT resolved (the next run takes it up)
+
+    @property
+    def resolves(self) -> bool:
+        """Whether a STATE may cover a record that ended this way."""
+        return self is not Resolution.ABANDONED
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    """One record on its way to Catena."""
+
+    seq: int
+    stream: str
+    namespace: str
+    key: str
+    record: dict[str, Any]
+    body: dict[str, Any]
+    fingerprint: str
+    lane: str
+    errors: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # validation errors, contract §5 form
+    expired: bool = False
+    recover: bool = False  # an earlier run claimed it and died: its send is ambiguous
+    prior_claimed_at: datetime | None = None
+    attempts: int = 0  # POSTs made this run
+    first_sent_at: datetime | None = None  # wall clock, for the operation lookup's window
+    last_sent_at: datetime | None = None
+    maybe_sent: bool = False  # some request may have reached Catena
+
+    @property
+    def connection_id(self) -> str | None:
+        """The body's connection (the breaker and operation lookup work per connection)."""
+        value = self.body.get("connection_id")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The end of one message."""
+
+    message: Message
+    resolution: Resolution
+    operation_id: str | None = None
+    stage: str | None = None  # dead letters: validation | api | ambiguous | confirmation | expired
+    errors: tuple[dict[str, Any], ...] = ()
+    status: int | None = None
+    api_error: Any = None
+    retryable: bool = False

@@ -1,0 +1,566 @@
+"""One run of the target: records in, outcomes recorded durably, safe STATE out.
+
+The run owns everything that lives for the whole process and is shared by all sinks: the ledger,
+the dead letters, the checkpointer, the report and the delivery engine. Two threads touch it:
+
+- the *main thread* (singer-sdk's reader) prepares each record and, per sink batch, asks the ledger
+  which keys to send (one claim transaction per batch) and hands them to delivery;
+- the *recorder thread* takes every Outcome, commits it to the ledger and the dead-letter file,
+  and only then resolves it in the checkpointer and writes STATE. That order is the durability
+  promise of contract §6: claim -> POST -> outcome committed, dead letters flushed -> STATE.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from target_catena_messages import jsonutil
+from target_catena_messages.catena.auth import (
+    ClientCredentialsTokenProvider,
+    StaticTokenProvider,
+    TokenProvider,
+)
+from target_catena_messages.catena.client import CatenaClient, make_session
+from target_catena_messages.checkpoint import Checkpointer
+from target_catena_messages.dead_letters import DeadLetterWriter
+from target_catena_messages.delivery import Delivery
+from target_catena_messages.errors import FatalError
+from target_catena_messages.ledger import (
+    ClaimRequest,
+    ClaimResult,
+    Decision,
+    Ledger,
+    LedgerOutcome,
+    new_run_id,
+)
+from target_catena_messages.lookup import CatenaOperationLookup
+from target_catena_messages.message import (
+    BodyRules,
+    BodyValidator,
+    body_hash_key,
+    build_body,
+    is_expired,
+    message_time,
+    recipient_lane,
+    record_key,
+)
+from target_catena_messages.outcome import Message, Outcome, Resolution
+from target_catena_messages.redact import Redactor
+from target_catena_messages.report import RunReport
+from target_catena_messages.retry import RetryPolicy
+from target_catena_messages.settings import Settings
+from target_catena_messages.throttle import Throttle
+
+logger = logging.getLogger(__name__)
+
+_STATE_EVERY = 60.0  # seconds: a line at least this often while records resolve
+_STATE_MIN_GAP = 1.0  # seconds: at most one line a second (Meltano stores every line)
+_ELSEWHERE_POLL = 2.0  # seconds between looks at keys another process is sending
+
+
+class Interrupted(FatalError):
+    """SIGTERM or SIGINT: stop taking records, finish what is in flight, write the safe STATE."""
+
+
+class RedactingTokens:
+    """A token provider that registers every token it hands out with the redactor."""
+
+    def __init__(self, inner: TokenProvider, redactor: Redactor) -> None:
+        self._inner = inner
+        self._redactor = redactor
+
+    def token(self) -> str:
+        """Return the current token (masked in logs from now on)."""
+        token = self._inner.token()
+        self._redactor.add(token)
+        return token
+
+    def refresh_after_failure(self, failed_token: str) -> str:
+        """Refresh after a 401/403 with ``failed_token``."""
+        token = self._inner.refresh_after_failure(failed_token)
+        self._redactor.add(token)
+        return token
+
+
+class Run:
+    """Everything one target process shares across its sinks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        write_state: Callable[[dict[str, Any]], None],
+        redactor: Redactor,
+        stderr: Callable[[str], None] | None = None,
+        batch_size: int = 1000,
+    ) -> None:
+        self.settings = settings
+        self.run_id = new_run_id()
+        self._write_state = write_state
+        self._stderr = stderr or _write_stderr
+        self._started = time.monotonic()
+        self._rules = BodyRules(
+            message_schema=settings.message_schema,
+            default_connection_id=settings.default_connection_id,
+            connection_id_by_fleet_ref=dict(settings.connection_id_by_fleet_ref),
+            default_sender_id=settings.default_sender_id,
+            allow_empty_message_text=settings.allow_empty_message_text,
+        )
+        self._validator = BodyValidator(
+            settings.message_schema, allow_empty_message_text=settings.allow_empty_message_text
+        )
+        self._shape = settings.shape_fingerprint()
+        self.ledger = Ledger.open(
+            settings.ledger_url, run_id=self.run_id, read_only=settings.dry_run
+        )
+        logger.info(
+            "Ledger %s holds %d keys (run %s)%s",
+            self.ledger.location,
+            self.ledger.count(),
+            self.run_id,
+            " — dry run: read-only, nothing will be sent" if settings.dry_run else "",
+        )
+        self.dead_letters = DeadLetterWriter(
+            settings.dead_letter_path, self.run_id, secrets=redactor.secrets
+        )
+        self.checkpointer = Checkpointer(self.run_id)
+        self.report = RunReport(self.run_id)
+        self._lock = threading.RLock()  # checkpointer, report, pending keys
+        self._pending: dict[tuple[str, str], list[Message]] = {}  # key in flight -> later copies
+        self._elsewhere: list[Message] = []
+        self._last_elsewhere_poll = 0.0
+        self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
+        self._resolved = threading.Condition()
+        self._unresolved = 0
+        self._max_unresolved = 2 * batch_size
+        self._last_state_at = 0.0
+        self._state_written = threading.Lock()
+        self.critical = False
+        self.stop_requested = False
+        self.tokens: TokenProvider | None = None
+        self.delivery: Delivery | None = None
+        if not settings.dry_run:
+            self.delivery = self._make_delivery(redactor)
+        self._recorder_error: BaseException | None = None
+        self._recorder = threading.Thread(target=self._record_loop, name="recorder", daemon=True)
+        self._recorder.start()
+
+    def _make_delivery(self, redactor: Redactor) -> Delivery:
+        s = self.settings
+        session = make_session(s.max_concurrency + 2)
+        inner: TokenProvider
+        if s.access_token:
+            inner = StaticTokenProvider(s.access_token)
+        else:
+            inner = ClientCredentialsTokenProvider(
+                session,
+                s.auth_url,
+                s.client_id or "",
+                s.client_secret or "",
+                scope=s.scope,
+                timeout=s.request_timeout_seconds,
+            )
+        self.tokens = inner
+        client = CatenaClient(
+            s.api_url,
+            RedactingTokens(inner, redactor),
+            session,
+            timeout=s.request_timeout_seconds,
+        )
+        stop = threading.Event()
+        lookup = CatenaOperationLookup(
+            client, self.ledger, lag_seconds=s.operation_lookup_lag_seconds, stop=stop
+        )
+        return Delivery(
+            client,
+            lookup=lookup,
+            stop=stop,
+            on_outcome=self._outcomes.put,
+            policy=RetryPolicy(max_retries=s.max_retries, max_retry_seconds=s.max_retry_seconds),
+            throttle=Throttle(max_rate=s.max_requests_per_second),
+            max_concurrency=s.max_concurrency,
+            max_ambiguous_resends=s.max_ambiguous_resends,
+            max_consecutive_rejections=s.max_consecutive_rejections,
+            is_sync=s.is_sync,
+        )
+
+    # -- main thread: records in -------------------------------------------------------------
+
+    def prepare(
+        self,
+        stream: str,
+        key_properties: Sequence[str],
+        record: dict[str, Any],
+        namespace: str | None = None,
+    ) -> Message:
+        """Turn one record into a Message: body, validation, key, age (pure but for numbering)."""
+        with self._lock:
+            seq = self.checkpointer.next_seq()
+            self._unresolved += 1
+        body = build_body(record, self._rules)
+        errors = [e.as_dict() for e in self._validator.errors(body)]
+        try:
+            key = record_key(record, key_properties) if key_properties else body_hash_key(body)
+        except ValueError as exc:
+            key = body_hash_key(body)
+            errors.append({"field": None, "message": str(exc)})
+        expired = False
+        field = self.settings.message_time_field
+        if field:
+            try:
+                created = message_time(record, field)
+            except ValueError as exc:
+                errors.append({"field": field, "message": str(exc)})
+            else:
+                if created is None:
+                    errors.append({"field": field, "message": f"{field} is missing: age unknown"})
+                else:
+                    expired = is_expired(created, self.settings.max_message_age_hours, _utcnow())
+        return Message(
+            seq=seq,
+            stream=stream,
+            namespace=namespace or self.settings.ledger_namespace or stream,
+            key=key,
+            record=record,
+            body=body,
+            fingerprint=jsonutil.sha256_hex([body, self._shape]),
+            lane=recipient_lane(body),
+            errors=errors,
+            expired=expired and not errors,
+        )
+
+    def dispatch(self, messages: Sequence[Message]) -> None:
+        """One sink batch: decide each message with the ledger, send the new ones."""
+        self._raise_if_failed()
+        self.critical = True
+        try:
+            self._dispatch(messages)
+        finally:
+            self.critical = False
+        if self.stop_requested:
+            raise Interrupted("interrupted by a signal")
+        self._wait_for_room()
+
+    def _dispatch(self, messages: Sequence[Message]) -> None:
+        fresh: list[Message] = []
+        with self._lock:
+            for m in messages:
+                waiting = self._pending.get((m.namespace, m.key))
+                if waiting is not None:  # an earlier copy of this key is still on its way
+                    waiting.append(m)
+                else:
+                    self._pending[(m.namespace, m.key)] = []
+                    fresh.append(m)
+        invalid = [m for m in fresh if m.errors or m.expired]
+        sendable = [m for m in fresh if not (m.errors or m.expired)]
+        for m, result in zip(invalid, self.ledger.peek(_claims(invalid)), strict=True):
+            self._decide_invalid(m, result)
+        claim = self.ledger.peek if self.settings.dry_run else self.ledger.claim
+        for m, result in zip(sendable, claim(_claims(sendable)), strict=True):
+            self._decide_sendable(m, result)
+
+    def _decide_invalid(self, m: Message, result: ClaimResult) -> None:
+        if result.decision is Decision.DUPLICATE:
+            self._resolve(Outcome(m, Resolution.DUPLICATE, operation_id=result.operation_id))
+        elif result.decision is Decision.PREVIOUSLY_DEAD_LETTERED:
+            self._resolve(Outcome(m, Resolution.PREVIOUSLY_DEAD_LETTERED, stage=result.stage))
+        elif m.errors:
+            if self.settings.on_invalid_record == "fail":
+                raise FatalError(
+                    f"invalid record in stream {m.stream} (key {m.key}): "
+                    + "; ".join(f"{e['field']}: {e['message']}" for e in m.errors)
+                    + " (on_invalid_record: fail)"
+                )
+            self._resolve(
+                Outcome(m, Resolution.DEAD_LETTERED, stage="validation", errors=tuple(m.errors))
+            )
+        else:
+            hours = self.settings.max_message_age_hours
+            error = {
+                "field": self.settings.message_time_field,
+                "message": f"older than max_message_age_hours ({hours:g} h): never sent",
+            }
+            self._resolve(Outcome(m, Resolution.EXPIRED, stage="expired", errors=(error,)))
+
+    def _decide_sendable(self, m: Message, result: ClaimResult) -> None:
+        decision = result.decision
+        if decision is Decision.DUPLICATE:
+            self._resolve(Outcome(m, Resolution.DUPLICATE, operation_id=result.operation_id))
+        elif decision is Decision.PREVIOUSLY_DEAD_LETTERED:
+            self._resolve(Outcome(m, Resolution.PREVIOUSLY_DEAD_LETTERED, stage=result.stage))
+        elif decision is Decision.IN_PROGRESS_ELSEWHERE:
+            with self._lock:
+                self._elsewhere.append(m)
+        elif self.delivery is None:  # dry run
+            self._resolve(Outcome(m, Resolution.WOULD_SEND))
+        else:
+            if decision is Decision.RECOVER:
+                m.recover = True
+                m.maybe_sent = True
+                m.prior_claimed_at = result.prior_claimed_at
+            self.delivery.submit(m)
+
+    def _resolve(self, outcome: Outcome) -> None:
+        self._outcomes.put(outcome)
+
+    def _wait_for_room(self) -> None:
+        """Backpressure: keep at most ~two batches of records in memory."""
+        with self._resolved:
+            while self._unresolved > self._max_unresolved:
+                self._raise_if_failed()
+                self._resolved.wait(0.5)
+                self._poll_elsewhere()
+
+    def _poll_elsewhere(self) -> None:
+        """Ask the ledger again about keys another process was sending (it may have died)."""
+        now = time.monotonic()
+        if not self._elsewhere or now - self._last_elsewhere_poll < _ELSEWHERE_POLL:
+            return
+        self._last_elsewhere_poll = now
+        with self._lock:
+            waiting, self._elsewhere = self._elsewhere, []
+        if self.settings.dry_run:
+            results = self.ledger.peek(_claims(waiting))
+        else:
+            results = self.ledger.claim(_claims(waiting))
+        for m, result in zip(waiting, results, strict=True):
+            self._decide_sendable(m, result)
+
+    def add_tap_state(self, value: dict[str, Any]) -> None:
+        """A tap STATE: tied to every record read before it."""
+        with self._lock:
+            self.checkpointer.add_tap_state(value)
+
+    def _raise_if_failed(self) -> None:
+        if self._recorder_error is not None:
+            raise FatalError(f"recording outcomes failed: {self._recorder_error}")
+        if self.delivery is not None and self.delivery.fatal is not None:
+            fatal = self.delivery.fatal
+            raise fatal if isinstance(fatal, FatalError) else FatalError(str(fatal))
+
+    # -- recorder thread: outcomes made durable, then STATE --------------------------------
+
+    def _record_loop(self) -> None:
+        done = False
+        while not done:
+            try:
+                first = self._outcomes.get(timeout=0.2)
+            except queue.Empty:
+                self._after_commit([])
+                continue
+            batch: list[Outcome] = []
+            item: Outcome | None = first
+            while True:
+                if item is None:
+                    done = True
+                else:
+                    batch.append(item)
+                if len(batch) >= 2000:
+                    break
+                try:
+                    item = self._outcomes.get_nowait()
+                except queue.Empty:
+                    break
+            try:
+                self._commit(batch)
+                self._after_commit(batch)
+            except BaseException as exc:
+                logger.exception("recording outcomes failed")
+                self._recorder_error = exc
+                if self.delivery is not None:
+                    self.delivery.stop()
+                return
+
+    def _commit(self, batch: list[Outcome]) -> None:
+        records: list[LedgerOutcome] = []
+        released: list[tuple[str, str]] = []
+        for o in batch:
+            m = o.message
+            if o.resolution is Resolution.ABANDONED:
+                if not m.maybe_sent:
+                    released.append((m.namespace, m.key))
+                continue
+            if o.resolution in (Resolution.DEAD_LETTERED, Resolution.EXPIRED):
+                self.dead_letters.write(
+                    stream=m.stream,
+                    key=m.key,
+                    stage=o.stage or "api",
+                    errors=list(o.errors),
+                    status=o.status,
+                    api_error=o.api_error,
+                    operation_id=o.operation_id,
+                    attempts=m.attempts,
+                    retryable=o.retryable,
+                    record=m.record,
+                )
+            status = _LEDGER_STATUS.get(o.resolution)
+            if status is not None:
+                records.append(
+                    LedgerOutcome(
+                        namespace=m.namespace,
+                        key=m.key,
+                        status=status,
+                        fingerprint=m.fingerprint,
+                        operation_id=o.operation_id,
+                        stage=o.stage,
+                        attempts=m.attempts,
+                        connection_id=m.connection_id,
+                    )
+                )
+        if not self.settings.dry_run:
+            if records:
+                self.ledger.record(records)
+            if released:
+                self.ledger.release(released)
+        self.dead_letters.flush()
+        followups: list[Message] = []
+        with self._lock:
+            for o in batch:
+                followups.extend(self._settle(o))
+        if batch:
+            with self._resolved:
+                self._unresolved -= sum(1 for o in batch if o.resolution.resolves)
+                self._resolved.notify_all()
+        if followups:
+            self._dispatch_followups(followups)
+
+    def _settle(self, o: Outcome) -> list[Message]:
+        """Resolve in the checkpointer and report; return later copies of the key to redo."""
+        m = o.message
+        later = self._pending.pop((m.namespace, m.key), [])
+        if not o.resolution.resolves:
+            return []
+        self.report.count(m.stream, o.resolution.value, o.stage)
+        kind = _CHECKPOINT_KIND.get(o.resolution)
+        if kind is None:
+            self.checkpointer.resolve_silently(m.seq)
+        else:
+            self.checkpointer.resolve(
+                m.seq, m.stream, m.key, kind, operation_id=o.operation_id, stage=o.stage
+            )
+        if o.resolution in (Resolution.ACCEPTED, Resolution.DUPLICATE) and later:
+            for copy in later:
+                self._outcomes.put(Outcome(copy, Resolution.DUPLICATE, operation_id=o.operation_id))
+            return []
+        return later
+
+    def _dispatch_followups(self, messages: list[Message]) -> None:
+        """Later copies of a key whose first copy was dead-lettered: decide them afresh."""
+        self._dispatch(messages)
+
+    def _after_commit(self, batch: list[Outcome]) -> None:
+        now = time.monotonic()
+        line = None
+        with self._lock:
+            due = now - self._last_state_at >= _STATE_EVERY or self.checkpointer.safe_advanced()
+            if (
+                not self.settings.dry_run
+                and self.checkpointer.pending_news()
+                and due
+                and now - self._last_state_at >= _STATE_MIN_GAP
+            ):
+                line = self.checkpointer.take_line()
+            progress = self.report.progress_line(
+                in_flight=self.delivery.in_flight if self.delivery else 0,
+                queued=self._unresolved,
+                http=self.http_counters(),
+            )
+        if line is not None:
+            self._emit(line)
+            self._last_state_at = now
+        if progress:
+            logger.info("%s", progress)
+
+    def _emit(self, line: dict[str, Any]) -> None:
+        with self._state_written:
+            self._write_state(line)
+
+    def http_counters(self) -> dict[str, float]:
+        """Request counters from delivery and the token provider."""
+        counters = self.delivery.counters() if self.delivery else {}
+        made = getattr(self.tokens, "requests_made", None)
+        if made is not None:
+            counters["token_requests"] = made
+        return counters
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def finish(self) -> int:
+        """End of input: wait for every outcome, write the last STATE and the summary."""
+        while True:
+            self._poll_elsewhere()
+            with self._resolved:
+                if self._unresolved == 0 and not self._elsewhere:
+                    break
+                self._raise_if_failed()
+                self._resolved.wait(0.25)
+        return self._close(fatal=None)
+
+    def abort(self, reason: BaseException) -> int:
+        """Fatal: send nothing new, let in-flight requests finish, write the safe STATE."""
+        if self.delivery is not None:
+            self.delivery.stop()
+            self.delivery.wait_idle(self.settings.request_timeout_seconds + 5)
+        return self._close(fatal=reason)
+
+    def _close(self, *, fatal: BaseException | None) -> int:
+        self._outcomes.put(None)
+        self._recorder.join()
+        if self.delivery is not None:
+            self.delivery.close()
+        if not self.settings.dry_run and self._recorder_error is None:
+            with self._lock:
+                line = self.checkpointer.take_line() if self.checkpointer.pending_news() else None
+            if line is not None:
+                self._emit(line)
+        self.dead_letters.close()
+        totals = self.report
+        exit_code = 1 if fatal is not None or self._recorder_error is not None else 0
+        if exit_code == 0 and totals.has_failures() and not self.settings.allow_dead_letters:
+            exit_code = 2
+        lines, summary = self.report.summary(
+            dead_letter_path=str(self.dead_letters.path),
+            dead_letters_written=self.dead_letters.count,
+            ledger_location=self.ledger.location,
+            http=self.http_counters(),
+            exit_code=exit_code,
+            elapsed=time.monotonic() - self._started,
+        )
+        self.ledger.close()
+        for text in lines:
+            self._stderr(text)
+        self._stderr(jsonutil.dumps({"summary": summary}))
+        return exit_code
+
+
+_LEDGER_STATUS: Mapping[Resolution, Any] = {
+    Resolution.ACCEPTED: "accepted",
+    Resolution.DEAD_LETTERED: "dead_lettered",
+    Resolution.EXPIRED: "dead_lettered",
+}
+_CHECKPOINT_KIND: Mapping[Resolution, Any] = {
+    Resolution.ACCEPTED: "accepted",
+    Resolution.DUPLICATE: "duplicate",
+    Resolution.DEAD_LETTERED: "dead_lettered",
+    Resolution.EXPIRED: "expired",
+}
+
+
+def _claims(messages: Sequence[Message]) -> list[ClaimRequest]:
+    return [ClaimRequest(m.namespace, m.key, m.fingerprint, m.connection_id) for m in messages]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _write_stderr(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()

@@ -1,0 +1,286 @@
+"""Settings: the JSON Schema Meltano and ``--about`` show, and the typed, validated view the code uses.
+
+singer-sdk validates types against the schema; the rules a schema cannot say (the http/loopback rule,
+uuids in a map, which settings require which) are checked here, all at once, so a user fixes every
+mistake in one go instead of one per run.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from singer_sdk import typing as th
+
+from target_catena_messages import jsonutil
+from target_catena_messages.errors import ConfigError
+
+DEFAULT_AUTH_URL = "https://auth.catenatelematics.com/realms/catena/protocol/openid-connect/token"
+DEFAULT_API_URL = "https://api.catenatelematics.com"
+STATE_DIR = Path(".meltano") / "target-catena-messages"
+
+SchemaVersion = Literal["source_ids", "catena_ids"]
+
+
+def _p(name: str, kind: Any, description: str, **kwargs: Any) -> th.Property[Any]:
+    return th.Property(name, kind, description=description, **kwargs)
+
+
+SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
+    _p(
+        "client_id",
+        th.StringType,
+        "OAuth2 client-credentials id. Required unless access_token or dry_run.",
+    ),
+    _p(
+        "client_secret",
+        th.StringType,
+        "OAuth2 client secret. Never logged or written.",
+        secret=True,
+    ),
+    _p(
+        "access_token",
+        th.StringType,
+        "A ready bearer token; no token request is made.",
+        secret=True,
+    ),
+    _p("auth_url", th.StringType, "Token endpoint.", default=DEFAULT_AUTH_URL),
+    _p("api_url", th.StringType, "Catena API base URL.", default=DEFAULT_API_URL),
+    _p("scope", th.StringType, "Scope sent with the token request.", default="organization"),
+    _p(
+        "message_schema",
+        th.StringType,
+        "Create Message body to build: source_ids (original spec) or catena_ids (current).",
+        default="source_ids",
+        allowed_values=["source_ids", "catena_ids"],
+    ),
+    _p("default_connection_id", th.UUIDType, "connection_id when a record has none."),
+    _p(
+        "connection_id_by_fleet_ref",
+        th.ObjectType(additional_properties=th.UUIDType),
+        "Map fleet_ref -> connection_id, used when a record has no connection_id.",
+    ),
+    _p("default_sender_id", th.UUIDType, "catena_ids only: sender_id when a record has none."),
+    _p("is_sync", th.BooleanType, "catena_ids only: send ?is_sync=true.", default=False),
+    _p("max_concurrency", th.IntegerType, "Hard cap on requests in flight.", default=8),
+    _p(
+        "max_requests_per_second",
+        th.NumberType,
+        "Client-side ceiling on request starts per second.",
+    ),
+    _p("request_timeout_seconds", th.NumberType, "Timeout per HTTP request.", default=30),
+    _p("max_retries", th.IntegerType, "Retries of one message before dead-lettering.", default=6),
+    _p(
+        "max_retry_seconds",
+        th.NumberType,
+        "Cap on the time one message waits for retries.",
+        default=900,
+    ),
+    _p(
+        "max_ambiguous_resends",
+        th.IntegerType,
+        "Resends of an ambiguous send when no earlier operation is found.",
+        default=1,
+    ),
+    _p(
+        "max_consecutive_rejections",
+        th.IntegerType,
+        "That many rejections in a row with one status on one connection are fatal.",
+        default=20,
+    ),
+    _p(
+        "operation_lookup_lag_seconds",
+        th.NumberType,
+        "How long a new operation may take to appear in Catena's operation list; an ambiguous "
+        "send is looked up only after this (addition to the contract).",
+        default=30,
+    ),
+    _p("message_time_field", th.StringType, "Record field with the message's creation time."),
+    _p("max_message_age_hours", th.NumberType, "Older messages are never sent.", default=24),
+    _p("allow_empty_message_text", th.BooleanType, "Send messages without text.", default=False),
+    _p(
+        "on_invalid_record",
+        th.StringType,
+        "dead_letter (default) or fail.",
+        default="dead_letter",
+        allowed_values=["dead_letter", "fail"],
+    ),
+    _p(
+        "allow_dead_letters",
+        th.BooleanType,
+        "Exit 0 instead of 2 with dead letters.",
+        default=False,
+    ),
+    _p("dead_letter_path", th.StringType, "JSON Lines file of records not delivered."),
+    _p("ledger_url", th.StringType, "sqlite:///PATH or postgresql://... for delivered keys."),
+    _p(
+        "ledger_namespace", th.StringType, "Ledger name for a stream's keys (default: stream name)."
+    ),
+    _p("allow_body_hash_keys", th.BooleanType, "Key streams without key properties by body hash."),
+    _p("dry_run", th.BooleanType, "Validate and dead-letter, send nothing.", default=False),
+).to_dict()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated settings, with contract defaults applied."""
+
+    client_id: str | None = None
+    client_secret: str | None = None
+    access_token: str | None = None
+    auth_url: str = DEFAULT_AUTH_URL
+    api_url: str = DEFAULT_API_URL
+    scope: str = "organization"
+    message_schema: SchemaVersion = "source_ids"
+    default_connection_id: str | None = None
+    connection_id_by_fleet_ref: Mapping[str, str] = field(default_factory=dict)
+    default_sender_id: str | None = None
+    is_sync: bool = False
+    max_concurrency: int = 8
+    max_requests_per_second: float | None = None
+    request_timeout_seconds: float = 30.0
+    max_retries: int = 6
+    max_retry_seconds: float = 900.0
+    max_ambiguous_resends: int = 1
+    max_consecutive_rejections: int = 20
+    operation_lookup_lag_seconds: float = 30.0
+    message_time_field: str | None = None
+    max_message_age_hours: float = 24.0
+    allow_empty_message_text: bool = False
+    on_invalid_record: Literal["dead_letter", "fail"] = "dead_letter"
+    allow_dead_letters: bool = False
+    dead_letter_path: Path = Path("catena-dead-letters.jsonl")
+    ledger_url: str = "sqlite:///catena-ledger.sqlite"
+    ledger_namespace: str | None = None
+    allow_body_hash_keys: bool = False
+    dry_run: bool = False
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never appear in any output."""
+        return tuple(s for s in (self.client_secret, self.access_token) if s)
+
+    def shape_fingerprint(self) -> str:
+        """Hash of the settings that decide what is sent, beyond the body itself.
+
+        A dead-lettered key is retried only when its body or these changed (contract §3).
+        """
+        return jsonutil.sha256_hex(
+            [
+                self.message_schema,
+                self.is_sync,
+                self.allow_empty_message_text,
+                self.message_time_field,
+                self.max_message_age_hours,
+            ]
+        )
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any], env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Apply defaults and check every rule; raise one ConfigError listing all problems."""
+        env = os.environ if env is None else env
+        known = {k: v for k, v in config.items() if k in cls.__dataclass_fields__ and v is not None}
+        problems: list[str] = []
+        root = env.get("MELTANO_PROJECT_ROOT")
+        if "dead_letter_path" in known:
+            known["dead_letter_path"] = Path(str(known["dead_letter_path"])).expanduser()
+        elif root:
+            known["dead_letter_path"] = Path(root) / STATE_DIR / "dead-letters.jsonl"
+        if "ledger_url" not in known and root:
+            known["ledger_url"] = f"sqlite:///{Path(root) / STATE_DIR / 'ledger.sqlite'}"
+        for name in (
+            "request_timeout_seconds",
+            "max_retry_seconds",
+            "max_message_age_hours",
+            "operation_lookup_lag_seconds",
+        ):
+            if name in known:
+                known[name] = float(known[name])
+        if "max_requests_per_second" in known:
+            known["max_requests_per_second"] = float(known["max_requests_per_second"])
+        settings = cls(**known)
+        problems.extend(settings._problems())
+        if problems:
+            raise ConfigError("invalid settings", problems)
+        return settings
+
+    def _problems(self) -> list[str]:
+        problems: list[str] = []
+        if (
+            not (self.client_id and self.client_secret)
+            and not self.access_token
+            and not self.dry_run
+        ):
+            problems.append(
+                "client_id and client_secret are required (or access_token, or dry_run: true)"
+            )
+        for name in ("api_url", "auth_url"):
+            problem = _url_problem(name, getattr(self, name))
+            if problem:
+                problems.append(problem)
+        for name in ("default_connection_id", "default_sender_id"):
+            value = getattr(self, name)
+            if value is not None and not _is_uuid(value):
+                problems.append(f"{name} must be a uuid, got {value!r}")
+        for ref, conn in self.connection_id_by_fleet_ref.items():
+            if not _is_uuid(conn):
+                problems.append(f"connection_id_by_fleet_ref[{ref!r}] must be a uuid, got {conn!r}")
+        for name in ("max_concurrency",):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("max_retries", "max_ambiguous_resends"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.max_consecutive_rejections < 1:
+            problems.append("max_consecutive_rejections must be at least 1")
+        for name in ("request_timeout_seconds", "max_message_age_hours"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        for name in ("max_retry_seconds", "operation_lookup_lag_seconds"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.max_requests_per_second is not None and self.max_requests_per_second <= 0:
+            problems.append("max_requests_per_second must be positive")
+        if not self.ledger_url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
+            problems.append("ledger_url must start with sqlite:/// or postgresql://")
+        return problems
+
+
+def _is_uuid(value: object) -> bool:
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: the only hosts plain http may reach."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_problem(name: str, url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return f"{name} must be an https:// URL, got {url!r}"
+    if parts.username or parts.password:
+        return f"{name} must not carry credentials"
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        return (
+            f"{name} uses http:// for {parts.hostname}: plain http is allowed only for loopback "
+            "(127.0.0.1, ::1, localhost); use https://"
+        )
+    return None

@@ -1,0 +1,165 @@
+"""The singer-sdk Target: settings, sink wiring, and the only place that touches SDK internals.
+
+singer-sdk writes STATE on its own every 5 minutes, none on failure, and exits 0 on SIGTERM. None of
+that is safe for a loader whose every record is a message to a driver, so this class takes STATE,
+signals and exit codes away from the SDK and gives them to the Run:
+
+- ``_write_state_message`` is a no-op; the Run writes STATE once outcomes are durable;
+- a tap STATE is tied to the records read before it (``_process_state_message``);
+- ``invoke`` turns every ending into contract §7's exit code, with one clear line and the safe
+  STATE on a fatal error.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import IO, Any, ClassVar
+
+from singer_sdk import Target
+from singer_sdk.exceptions import MissingKeyPropertiesError, RecordsWithoutSchemaException
+from singer_sdk.helpers.capabilities import (
+    CapabilitiesEnum,
+    PluginCapabilities,
+    TargetCapabilities,
+)
+from singer_sdk.plugin_base import _ConfigInput
+from singer_sdk.singerlib.exceptions import InvalidInputLine
+
+from target_catena_messages import jsonutil
+from target_catena_messages.errors import FatalError
+from target_catena_messages.reader import MessageReader
+from target_catena_messages.redact import Redactor
+from target_catena_messages.run import Interrupted, Run
+from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
+from target_catena_messages.sinks import MessagesSink
+
+logger = logging.getLogger("target_catena_messages")
+
+# Input problems that end the run with one line naming the cause (contract §7).
+_INPUT_ERRORS = (
+    InvalidInputLine,
+    RecordsWithoutSchemaException,
+    MissingKeyPropertiesError,
+    UnicodeDecodeError,
+)
+
+
+def _write_stdout(value: dict[str, Any]) -> None:
+    sys.stdout.write(jsonutil.dumps(value) + "\n")
+    sys.stdout.flush()
+
+
+class TargetCatenaMessages(Target):
+    """Delivers driver messages to Catena Telematics, exactly once, with proof."""
+
+    name = "target-catena-messages"
+    config_jsonschema = SETTINGS_SCHEMA
+    default_sink_class = MessagesSink
+    message_reader_class = MessageReader
+    # No schema flattening: it would turn source_recipient_ids into a string.
+    capabilities: ClassVar[list[CapabilitiesEnum]] = [
+        PluginCapabilities.ABOUT,
+        PluginCapabilities.STREAM_MAPS,
+        PluginCapabilities.STRUCTURED_LOGGING,
+        TargetCapabilities.VALIDATE_RECORDS,
+    ]
+    # Drain every minute: records waiting in a sink buffer flow, and STATE stays fresh.
+    _MAX_RECORD_AGE_IN_MINUTES = 1.0
+
+    write_state: Callable[[dict[str, Any]], None] = staticmethod(_write_stdout)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_parallelism = 1  # delivery is concurrent already; batches go one at a time
+        self.settings = Settings.from_config(self.config)
+        self.redactor = Redactor(self.settings.secrets)
+        self.redactor.install()
+        self.run = Run(
+            self.settings,
+            write_state=self.write_state,
+            redactor=self.redactor,
+            batch_size=int(self.config.get("batch_size_rows") or 1000),
+        )
+        self.exit_code: int | None = None
+
+    # -- STATE: ours, not the SDK's ------------------------------------------------------------
+
+    def _write_state_message(self, state: dict[str, Any]) -> None:
+        """The SDK must never write STATE: a drain does not mean the messages were accepted."""
+
+    def _process_state_message(self, message_dict: dict[str, Any]) -> None:
+        super()._process_state_message(message_dict)
+        self.run.add_tap_state(message_dict["value"])
+
+    def _process_batch_message(self, message_dict: dict[str, Any]) -> None:
+        """BATCH files cannot be claimed record by record before they are read: refuse them."""
+        raise FatalError(
+            f"BATCH messages (stream {message_dict.get('stream')!r}) are not supported: "
+            "configure the tap to send RECORD messages"
+        )
+
+    def process_endofpipe(self) -> None:
+        """End of input: drain the sinks, wait for every outcome, final STATE and summary."""
+        super().process_endofpipe()
+        self.exit_code = self.run.finish()
+
+    # -- signals and endings -----------------------------------------------------------------
+
+    def _handle_termination(self, signum: int, frame: FrameType | None) -> None:
+        """Stop taking records; the fatal path finishes in-flight sends and writes safe STATE."""
+        self.run.stop_requested = True
+        if self.run.delivery is not None:
+            self.run.delivery.stop()
+        if not self.run.critical:
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+    def run_to_end(self, file_input: IO[str] | None = None) -> int:
+        """Read all input and return the exit code; a fatal error writes the safe STATE first."""
+        try:
+            self.listen(file_input)
+        except (FatalError, *_INPUT_ERRORS, ValueError) as exc:
+            logger.error("%s", self._describe(exc))  # noqa: TRY400 - one line, no traceback
+            logger.debug("details", exc_info=True)
+            return self.run.abort(exc)
+        except Exception as exc:
+            logger.error("unexpected error: %s: %s", type(exc).__name__, exc)  # noqa: TRY400
+            logger.debug("details", exc_info=True)
+            return self.run.abort(exc)
+        return self.exit_code if self.exit_code is not None else 0
+
+    def _describe(self, exc: BaseException) -> str:
+        reader = self.message_reader
+        line = getattr(reader, "line_number", None)
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, UnicodeDecodeError):
+            return f"input line {(line or 0) + 1} is not valid UTF-8"
+        if isinstance(exc, (FatalError, InvalidInputLine)) or line is None:
+            return f"fatal: {text}"
+        return f"fatal: {text} (input line {line})"
+
+    @classmethod
+    def invoke(  # type: ignore[override]
+        cls,
+        *,
+        about: bool = False,
+        about_format: str | None = None,
+        config: _ConfigInput | None = None,
+        file_input: IO[str] | None = None,
+    ) -> None:
+        """CLI entry: contract §7 exit codes instead of the SDK's."""
+        if about:
+            super().invoke(about=about, about_format=about_format)
+        cls.print_version(print_fn=cls.logger.info)
+        config = config or _ConfigInput()
+        try:
+            target = cls(
+                config=config.config, validate_config=True, parse_env_config=config.parse_env
+            )
+        except FatalError as exc:
+            logger.error("fatal: %s", exc)  # noqa: TRY400
+            sys.exit(1)
+        sys.exit(target.run_to_end(file_input))
