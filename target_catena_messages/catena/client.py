@@ -41,6 +41,8 @@ __all__ = ["Accepted", "CatenaClient", "ClientStats", "Failure", "make_session"]
 
 logger = logging.getLogger(__name__)
 
+_AUTH_ROUNDS = 3  # retries after a 401/403 while other threads keep refreshing
+
 #: Catena's ID filters take at most this many values per request.
 MAX_IDS_PER_REQUEST = 100
 #: Largest page size Catena's list endpoints accept.
@@ -341,7 +343,9 @@ class CatenaClient:
         """One request with the auth retry: (status, parsed body) when accepted, else a Failure.
 
         On 401/403 the token is refreshed (only if it is still the current one) and the request
-        sent once more; a second 401/403 is a rejection. A static token cannot be refreshed, so
+        sent once more; a second 401/403 with the newest token is a rejection. (If another thread
+        refreshed again meanwhile, the newer token is tried: a second revocation mid-run must
+        not turn into a dead letter.) A static token cannot be refreshed, so
         its 403 is a rejection at once and its 401 ends the run (TokenNotRefreshable).
         """
         try:
@@ -359,10 +363,18 @@ class CatenaClient:
             if response.status_code == 403:
                 return self._outcome(response, is_sync, kind=FailureKind.REJECTION)
             raise
-        self.stats.record_auth_retry()
-        response = self._request(endpoint, method, url, token, params=params, data=data)
-        if isinstance(response, Failure) or response.status_code not in (401, 403):
-            return self._outcome(response, is_sync)
+        for _ in range(_AUTH_ROUNDS):
+            self.stats.record_auth_retry()
+            response = self._request(endpoint, method, url, token, params=params, data=data)
+            if isinstance(response, Failure) or response.status_code not in (401, 403):
+                return self._outcome(response, is_sync)
+            try:
+                current = self._tokens.token()
+            except TokenUnavailable as exc:
+                return _failure(FailureKind.SAFE, None, None, str(exc))
+            if current == token:
+                break  # refused again with the newest token: a real rejection
+            token = current  # another thread refreshed meanwhile (a newer revocation): try it
         return self._outcome(
             response, is_sync, kind=FailureKind.REJECTION, note="again after a token refresh"
         )
