@@ -257,6 +257,9 @@ class Delivery:
         if self._lookup is None:
             return None
         operation_id, candidates = self._lookup.find(message)
+        if self._stop.is_set() and operation_id is None:
+            # Interrupted while looking: not resolved; the claim stays for the next run.
+            return Outcome(message, Resolution.ABANDONED)
         if operation_id is not None:
             self._count("operations_adopted")
             return Outcome(message, Resolution.ACCEPTED, operation_id=operation_id)

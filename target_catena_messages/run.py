@@ -135,6 +135,8 @@ class Run:
         self._lock = threading.RLock()  # checkpointer, report, pending keys
         self._pending: dict[tuple[str, str], list[Message]] = {}  # key in flight -> later copies
         self._elsewhere: list[Message] = []
+        self._claimed: set[tuple[str, str]] = set()  # our live claims: their leases are renewed
+        self._last_renewal = time.monotonic()
         self._last_elsewhere_poll = 0.0
         self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._resolved = threading.Condition()
@@ -305,6 +307,8 @@ class Run:
                 m.recover = True
                 m.maybe_sent = True
                 m.prior_claimed_at = result.prior_claimed_at
+            with self._lock:
+                self._claimed.add((m.namespace, m.key))
             self.delivery.submit(m)
 
     def _resolve(self, outcome: Outcome) -> None:
@@ -435,6 +439,7 @@ class Run:
         """Resolve in the checkpointer and report; return later copies of the key to redo."""
         m = o.message
         later = self._pending.pop((m.namespace, m.key), [])
+        self._claimed.discard((m.namespace, m.key))
         if not o.resolution.resolves:
             return []
         self.report.count(m.stream, o.resolution.value, o.stage)
@@ -455,8 +460,19 @@ class Run:
         """Later copies of a key whose first copy was dead-lettered: decide them afresh."""
         self._dispatch(messages)
 
+    def _renew_leases(self, now: float) -> None:
+        """Heartbeat: claims waiting in a lane must not expire and be taken by another process."""
+        if self.settings.dry_run or now - self._last_renewal < self.ledger.lease.total_seconds() / 3:
+            return
+        self._last_renewal = now
+        with self._lock:
+            keys = list(self._claimed)
+        if keys:
+            self.ledger.renew_leases(keys)
+
     def _after_commit(self, batch: list[Outcome]) -> None:
         now = time.monotonic()
+        self._renew_leases(now)
         line = None
         with self._lock:
             due = now - self._last_state_at >= _STATE_EVERY or self.checkpointer.safe_advanced()
