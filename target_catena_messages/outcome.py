@@ -46,6 +46,8 @@ class Message:
         default_factory=list
     )  # validation errors, contract §5 form
     expired: bool = False
+    unresolved: Any = None  # resolve.Wanted: provider ids still to turn into Catena user ids
+    lookup_failed: bool = False  # the users lookup failed: a retryable API failure, not bad data
     recover: bool = False  # an earlier run claimed it and died: its send is ambiguous
     prior_claimed_at: datetime | None = None
     attempts: int = 0  # POSTs made this run

@@ -28,6 +28,7 @@ from target_catena_messages.catena.auth import (
     TokenProvider,
 )
 from target_catena_messages.catena.client import CatenaClient, make_session
+from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.checkpoint import Checkpointer
 from target_catena_messages.dead_letters import DeadLetterWriter
 from target_catena_messages.delivery import Delivery
@@ -54,12 +55,14 @@ from target_catena_messages.message import (
 from target_catena_messages.outcome import Message, Outcome, Resolution
 from target_catena_messages.redact import Redactor
 from target_catena_messages.report import RunReport
+from target_catena_messages.resolve import UserResolver, wanted
 from target_catena_messages.retry import RetryPolicy
 from target_catena_messages.settings import Settings
 from target_catena_messages.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
+_PLACEHOLDER_USER = "00000000-0000-4000-8000-000000000000"  # dry run: validate without lookups
 _STATE_EVERY = 60.0  # seconds: a line at least this often while records resolve
 _STATE_MIN_GAP = 1.0  # seconds: at most one line a second (Meltano stores every line)
 _ELSEWHERE_POLL = 2.0  # seconds between looks at keys another process is sending
@@ -148,6 +151,8 @@ class Run:
         self.stop_requested = False
         self.tokens: TokenProvider | None = None
         self.delivery: Delivery | None = None
+        self._resolver: UserResolver | None = None
+        self._resolve_ids = settings.message_schema == "catena_ids"
         if not settings.dry_run:
             self.delivery = self._make_delivery(redactor)
         self._recorder_error: BaseException | None = None
@@ -176,6 +181,8 @@ class Run:
             session,
             timeout=s.request_timeout_seconds,
         )
+        if s.message_schema == "catena_ids":
+            self._resolver = UserResolver(client)
         stop = threading.Event()
         lookup = CatenaOperationLookup(
             client, self.ledger, lag_seconds=s.operation_lookup_lag_seconds, stop=stop
@@ -207,7 +214,14 @@ class Run:
             seq = self.checkpointer.next_seq()
             self._unresolved += 1
         body = build_body(record, self._rules)
-        errors = [e.as_dict() for e in self._validator.errors(body)]
+        unresolved = wanted(record, body) if self._resolve_ids else None
+        if unresolved is not None and unresolved.error is not None:
+            errors = [unresolved.error]
+        elif unresolved is not None and unresolved.any:
+            errors = []  # validated once the provider ids are resolved (per batch)
+        else:
+            unresolved = None
+            errors = [e.as_dict() for e in self._validator.errors(body)]
         try:
             key = record_key(record, key_properties) if key_properties else body_hash_key(body)
         except ValueError as exc:
@@ -236,6 +250,7 @@ class Run:
             lane=recipient_lane(body),
             errors=errors,
             expired=expired and not errors,
+            unresolved=unresolved if not errors else None,
         )
 
     def dispatch(self, messages: Sequence[Message]) -> None:
@@ -251,6 +266,7 @@ class Run:
         self._wait_for_room()
 
     def _dispatch(self, messages: Sequence[Message]) -> None:
+        self._resolve_users([m for m in messages if m.unresolved is not None])
         fresh: list[Message] = []
         with self._lock:
             for m in messages:
@@ -268,11 +284,64 @@ class Run:
         for m, result in zip(sendable, claim(_claims(sendable)), strict=True):
             self._decide_sendable(m, result)
 
+    def _resolve_users(self, messages: list[Message]) -> None:
+        """catena_ids: turn provider ids into Catena user ids, batched per connection."""
+        by_connection: dict[str | None, list[Message]] = {}
+        for m in messages:
+            by_connection.setdefault(m.connection_id, []).append(m)
+        for connection_id, group in by_connection.items():
+            ids = {i for m in group for i in (m.unresolved.sender, m.unresolved.recipient) if i}
+            if connection_id is None or self._resolver is None:
+                # No connection (a validation error follows anyway) or a dry run: no requests.
+                found: dict[str, str | None] = dict.fromkeys(ids, _PLACEHOLDER_USER)
+            else:
+                try:
+                    found = self._resolver.resolve(connection_id, ids)
+                except CatenaApiError as exc:
+                    for m in group:
+                        m.unresolved = None
+                        m.errors = [{"field": None, "message": f"users lookup failed: {exc}"}]
+                        m.lookup_failed = True
+                    continue
+            for m in group:
+                self._apply_users(m, found)
+
+    def _apply_users(self, m: Message, found: Mapping[str, str | None]) -> None:
+        need, m.unresolved = m.unresolved, None
+        errors = []
+        for field, source_id, target in (
+            ("sender_source_id", need.sender, "sender_id"),
+            ("recipient_source_id", need.recipient, "recipient_id"),
+        ):
+            if source_id is None:
+                continue
+            user_id = found.get(source_id)
+            if user_id is None:
+                errors.append(
+                    {
+                        "field": field,
+                        "message": f"no Catena user with provider id {source_id!r} on "
+                        f"connection {m.connection_id}",
+                    }
+                )
+            else:
+                m.body[target] = user_id
+        m.errors = errors or [e.as_dict() for e in self._validator.errors(m.body)]
+        m.expired = m.expired and not m.errors
+        m.fingerprint = jsonutil.sha256_hex([m.body, self._shape])
+        m.lane = recipient_lane(m.body)
+
     def _decide_invalid(self, m: Message, result: ClaimResult) -> None:
         if result.decision is Decision.DUPLICATE:
             self._resolve(Outcome(m, Resolution.DUPLICATE, operation_id=result.operation_id))
         elif result.decision is Decision.PREVIOUSLY_DEAD_LETTERED:
             self._resolve(Outcome(m, Resolution.PREVIOUSLY_DEAD_LETTERED, stage=result.stage))
+        elif m.lookup_failed:
+            self._resolve(
+                Outcome(
+                    m, Resolution.DEAD_LETTERED, stage="api", errors=tuple(m.errors), retryable=True
+                )
+            )
         elif m.errors:
             if self.settings.on_invalid_record == "fail":
                 raise FatalError(
@@ -285,11 +354,11 @@ class Run:
             )
         else:
             hours = self.settings.max_message_age_hours
-            error = {
+            expired = {
                 "field": self.settings.message_time_field,
                 "message": f"older than max_message_age_hours ({hours:g} h): never sent",
             }
-            self._resolve(Outcome(m, Resolution.EXPIRED, stage="expired", errors=(error,)))
+            self._resolve(Outcome(m, Resolution.EXPIRED, stage="expired", errors=(expired,)))
 
     def _decide_sendable(self, m: Message, result: ClaimResult) -> None:
         decision = result.decision
@@ -411,7 +480,11 @@ class Run:
                         namespace=m.namespace,
                         key=m.key,
                         status=status,
-                        fingerprint=m.fingerprint,
+                        # A retryable failure (retries ran out) is tried again by a later run:
+                        # its stored fingerprint can never equal a body's.
+                        fingerprint=jsonutil.sha256_hex([m.fingerprint, "retryable"])
+                        if o.retryable
+                        else m.fingerprint,
                         operation_id=o.operation_id,
                         stage=o.stage,
                         attempts=m.attempts,
@@ -462,7 +535,10 @@ class Run:
 
     def _renew_leases(self, now: float) -> None:
         """Heartbeat: claims waiting in a lane must not expire and be taken by another process."""
-        if self.settings.dry_run or now - self._last_renewal < self.ledger.lease.total_seconds() / 3:
+        if (
+            self.settings.dry_run
+            or now - self._last_renewal < self.ledger.lease.total_seconds() / 3
+        ):
             return
         self._last_renewal = now
         with self._lock:
