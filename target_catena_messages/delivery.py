@@ -163,7 +163,7 @@ class Delivery:
             outcome = self._deliver_guarded(message)
             try:
                 self._on_outcome(outcome)
-            except BaseException as exc:  # the recorder failed: nothing more may be sent
+            except Exception as exc:  # noqa: BLE001 - the recorder failed: nothing more may be sent
                 self._fail(exc)
             with self._lock:
                 self._outstanding -= 1

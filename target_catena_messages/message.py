@@ -22,7 +22,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 import fastjsonschema
-from jsonschema import Draft202012Validator, ValidationError  # type: ignore[import-untyped]
+from jsonschema import Draft202012Validator, ValidationError
 
 from target_catena_messages import jsonutil
 from target_catena_messages.errors import ConfigError

@@ -1,8 +1,8 @@
-"""Settings: the JSON Schema Meltano and ``--about`` show, and the typed, validated view the code uses.
+"""Settings: the JSON Schema that Meltano and ``--about`` show, and the typed, checked view.
 
-singer-sdk validates types against the schema; the rules a schema cannot say (the http/loopback rule,
-uuids in a map, which settings require which) are checked here, all at once, so a user fixes every
-mistake in one go instead of one per run.
+singer-sdk validates types against the schema; the rules a schema cannot say (the http/loopback
+rule, uuids in a map, which settings require which) are checked here, all at once, so a user fixes
+every mistake in one go instead of one per run.
 """
 
 from __future__ import annotations
@@ -233,25 +233,28 @@ class Settings:
         for ref, conn in self.connection_id_by_fleet_ref.items():
             if not _is_uuid(conn):
                 problems.append(f"connection_id_by_fleet_ref[{ref!r}] must be a uuid, got {conn!r}")
-        for name in ("max_concurrency",):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
-        for name in ("max_retries", "max_ambiguous_resends"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must not be negative")
-        if self.max_consecutive_rejections < 1:
-            problems.append("max_consecutive_rejections must be at least 1")
-        for name in ("request_timeout_seconds", "max_message_age_hours"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
-        for name in ("max_retry_seconds", "operation_lookup_lag_seconds"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must not be negative")
-        if self.max_requests_per_second is not None and self.max_requests_per_second <= 0:
-            problems.append("max_requests_per_second must be positive")
+        for name, low, inclusive in _BOUNDS:
+            value = getattr(self, name)
+            if value is not None and (value < low or (value == low and not inclusive)):
+                relation = "at least" if inclusive else "more than"
+                problems.append(f"{name} must be {relation} {low}, got {value}")
         if not self.ledger_url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
             problems.append("ledger_url must start with sqlite:/// or postgresql://")
         return problems
+
+
+# (setting, lowest value, whether the lowest value itself is allowed)
+_BOUNDS: tuple[tuple[str, float, bool], ...] = (
+    ("max_concurrency", 1, True),
+    ("max_retries", 0, True),
+    ("max_ambiguous_resends", 0, True),
+    ("max_consecutive_rejections", 1, True),
+    ("request_timeout_seconds", 0, False),
+    ("max_message_age_hours", 0, False),
+    ("max_retry_seconds", 0, True),
+    ("operation_lookup_lag_seconds", 0, True),
+    ("max_requests_per_second", 0, False),
+)
 
 
 def _is_uuid(value: object) -> bool:

@@ -1,4 +1,4 @@
-"""Every fault of the sandbox's plan, end to end: nothing lost, nothing twice, order per driver kept.
+"""Every fault of the sandbox plan, end to end: nothing lost, nothing twice, order per driver kept.
 
 Each test runs the real CLI against an in-process sandbox with a fault plan and then checks the
 sandbox's truth: which bodies created an operation, in which order, how many requests were made.
@@ -47,9 +47,7 @@ def assert_exactly_once_in_order(sandbox: Any, recs: list[dict[str, Any]]) -> No
     assert max(counts.values()) == 1, f"duplicated: {[t for t, c in counts.items() if c > 1]}"
     lanes: dict[tuple[str, str], list[str]] = defaultdict(list)
     for b in bodies:
-        lanes[(b["connection_id"], json.dumps(b["source_recipient_ids"]))].append(
-            b["message_text"]
-        )
+        lanes[(b["connection_id"], json.dumps(b["source_recipient_ids"]))].append(b["message_text"])
     for texts in lanes.values():
         assert texts == sorted(texts), f"out of order for one driver: {texts}"
 
@@ -149,7 +147,9 @@ def test_non_json_error_bodies(tmp_path: Path, sandbox_factory: Any) -> None:
     assert_exactly_once_in_order(sandbox, recs)
 
 
-def test_revoked_tokens_mid_run_refresh_once_and_go_on(tmp_path: Path, sandbox_factory: Any) -> None:
+def test_revoked_tokens_mid_run_refresh_once_and_go_on(
+    tmp_path: Path, sandbox_factory: Any
+) -> None:
     sandbox = sandbox_factory(plan({"kind": "revoke_tokens", "match": {"requests": [10, 25]}}))
     recs = records(40)
     result = run(tmp_path, sandbox, recs)
@@ -243,7 +243,9 @@ def test_cap_holds_with_two_streams_draining(tmp_path: Path, sandbox_factory: An
     sandbox = sandbox_factory(plan({"kind": "latency", "ms": 20, "jitter_ms": 10}))
     a = [dict(r, message_text="a " + r["message_text"]) for r in records(120, drivers=60)]
     b = [dict(r, message_text="b " + r["message_text"]) for r in records(120, drivers=60)]
-    lines = singer_lines("stream_a", a, state_every=40) + singer_lines("stream_b", b, state_every=40)
+    lines = singer_lines("stream_a", a, state_every=40) + singer_lines(
+        "stream_b", b, state_every=40
+    )
     config = sandbox_config(sandbox.url, max_concurrency=5, batch_size_rows=50, **FAST)
     result = run_target(tmp_path, config, lines)
     assert result.returncode == 0, result.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 import uuid
 from pathlib import Path
@@ -144,9 +143,9 @@ def test_invalid_records_are_dead_lettered_naming_fields_and_the_rest_flow(
             "at", "run_id", "stream", "key", "stage", "errors", "status", "api_error",
             "operation_id", "attempts", "retryable", "record",
         ]  # fmt: skip
-    mode = stat.S_IMODE(os.stat(tmp_path / "dead-letters.jsonl").st_mode)
+    mode = stat.S_IMODE((tmp_path / "dead-letters.jsonl").stat().st_mode)
     assert mode == 0o600
-    assert stat.S_IMODE(os.stat(tmp_path / "ledger.sqlite").st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "ledger.sqlite").stat().st_mode) == 0o600
     final = result.last_state
     assert final is not None
     assert sorted(final["target_catena_messages"]["dead_letters"]) == sorted(
