@@ -13,7 +13,7 @@ from typing import Any
 
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from jsonschema import Draft202012Validator, FormatChecker  # type: ignore[import-untyped]
+from jsonschema import Draft202012Validator, FormatChecker
 
 from target_catena_messages import message
 from target_catena_messages.message import BodyRules, BodyValidator, build_body, recipient_lane
