@@ -58,6 +58,7 @@ class DeadLetterWriter:
         self._fd: int | None = None
         self._buffer: list[bytes] = []
         self._buffered_bytes = 0
+        self._unsynced = False  # bytes written since the last fsync
         self._count = 0
         self._closed = False
         self._lock = threading.Lock()
@@ -127,10 +128,11 @@ class DeadLetterWriter:
     def flush(self) -> None:
         """Write buffered lines and fsync: call before writing any STATE that covers them."""
         with self._lock:
-            if self._fd is None:
+            if self._fd is None or not (self._buffer or self._unsynced):
                 return
             self._write_buffer()
             os.fsync(self._fd)
+            self._unsynced = False
 
     def close(self) -> None:
         """Flush and close; later writes raise. Closing twice is harmless."""
@@ -184,6 +186,7 @@ class DeadLetterWriter:
         self._buffer.clear()
         self._buffered_bytes = 0
         view = memoryview(data)
+        self._unsynced = True
         while view:
             written = os.write(self._fd, view)
             view = view[written:]

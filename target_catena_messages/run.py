@@ -63,6 +63,8 @@ from target_catena_messages.throttle import Throttle
 logger = logging.getLogger(__name__)
 
 _PLACEHOLDER_USER = "00000000-0000-4000-8000-000000000000"  # dry run: validate without lookups
+_GATHER_SECONDS = 0.05  # outcomes gathered into one ledger transaction (the crash window)
+_MAX_COMMIT = 2000
 _STATE_EVERY = 60.0  # seconds: a line at least this often while records resolve
 _STATE_MIN_GAP = 1.0  # seconds: at most one line a second (Meltano stores every line)
 _ELSEWHERE_POLL = 2.0  # seconds between looks at keys another process is sending
@@ -423,26 +425,10 @@ class Run:
     def _record_loop(self) -> None:
         done = False
         while not done:
+            batch, done = self._take_outcomes()
             try:
-                first = self._outcomes.get(timeout=0.2)
-            except queue.Empty:
-                self._after_commit([])
-                continue
-            batch: list[Outcome] = []
-            item: Outcome | None = first
-            while True:
-                if item is None:
-                    done = True
-                else:
-                    batch.append(item)
-                if len(batch) >= 2000:
-                    break
-                try:
-                    item = self._outcomes.get_nowait()
-                except queue.Empty:
-                    break
-            try:
-                self._commit(batch)
+                if batch:
+                    self._commit(batch)
                 self._after_commit(batch)
             except BaseException as exc:
                 logger.exception("recording outcomes failed")
@@ -450,6 +436,32 @@ class Run:
                 if self.delivery is not None:
                     self.delivery.stop()
                 return
+
+    def _take_outcomes(self) -> tuple[list[Outcome], bool]:
+        """Wait for outcomes, then gather more for a moment: one transaction for many.
+
+        Returns the batch and whether the end-of-run marker was seen.
+        """
+        try:
+            item = self._outcomes.get(timeout=0.2)
+        except queue.Empty:
+            return [], False
+        batch: list[Outcome] = []
+        deadline = time.monotonic() + _GATHER_SECONDS
+        while item is not None:
+            batch.append(item)
+            if len(batch) >= _MAX_COMMIT:
+                return batch, False
+            remaining = deadline - time.monotonic()
+            try:
+                item = (
+                    self._outcomes.get(timeout=remaining)
+                    if remaining > 0
+                    else self._outcomes.get_nowait()
+                )
+            except queue.Empty:
+                return batch, False
+        return batch, True
 
     def _commit(self, batch: list[Outcome]) -> None:
         records: list[LedgerOutcome] = []
