@@ -18,11 +18,10 @@ import os
 import stat
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import date, datetime, time, timezone
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 from target_catena_messages import jsonutil
 
@@ -34,7 +33,6 @@ STAGES: frozenset[str] = frozenset({"validation", "api", "ambiguous", "confirmat
 _MASK = "***"
 _MIN_SECRET_LENGTH = 4
 _AUTO_WRITE_BYTES = 1 << 20
-_SAFE_SCALARS = (str, int, float, bool, Decimal, datetime, date, time, UUID)
 
 
 class DeadLetterWriter:
@@ -151,33 +149,27 @@ class DeadLetterWriter:
         self.close()
 
     def _encode(self, letter: dict[str, Any]) -> bytes:
-        text = jsonutil.dumps(self._scrub(letter))
+        """One JSON line, secrets masked in the text (keys, values, escaped forms alike).
+
+        Masking the encoded text instead of walking the data keeps no recursion of our own: a
+        record nested hundreds of levels deep must still become a dead letter, not a crash.
+        """
+        try:
+            text = jsonutil.dumps_lenient(letter)
+        except RecursionError:
+            record = letter["record"]
+            letter["record"] = {
+                "_not_stored": "the record is nested too deeply to encode; see the source row",
+                "_fields": sorted(map(str, record)) if isinstance(record, Mapping) else None,
+            }
+            text = jsonutil.dumps_lenient(letter)
         for secret in self._secrets:
-            # Second net for what the structural pass cannot see (e.g. a secret spelled with
-            # JSON escapes); masking may then break the line's JSON, which beats leaking.
+            # A secret spelled with JSON escapes is masked too; masking may then break the
+            # line's JSON, which beats leaking.
             for form in (secret, jsonutil.dumps(secret)[1:-1]):
                 if form in text:
                     text = text.replace(form, _MASK)
         return (text + "\n").encode()
-
-    def _scrub(self, value: Any) -> Any:
-        """Copy JSON-like data with secrets masked in every string, including keys.
-
-        Values the encoder would not know are turned into strings: a dead letter must never fail
-        to be written because a record held an odd type.
-        """
-        if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, _MASK)
-            return value
-        if value is None or isinstance(value, _SAFE_SCALARS):
-            return value
-        if isinstance(value, Mapping):
-            return {self._scrub(str(k)): self._scrub(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self._scrub(v) for v in value]
-        return self._scrub(str(value))
 
     def _write_buffer(self) -> None:
         if self._fd is None or not self._buffer:

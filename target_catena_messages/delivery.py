@@ -69,6 +69,37 @@ class RejectionBreaker:
             self._streaks.pop(connection_id, None)
 
 
+class FairSlots:
+    """A counting semaphore that serves waiters first come, first served.
+
+    ``threading.Semaphore`` lets the thread that just released a slot take it straight back for
+    its lane's next message, starving the other lanes (and holding STATE back behind them). Here a
+    released slot goes directly to the longest waiter.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._lock = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+
+    def __enter__(self) -> FairSlots:
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return self
+            turn = threading.Event()
+            self._waiters.append(turn)
+        turn.wait()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()  # the slot passes on, never back to the pool
+            else:
+                self._free += 1
+
+
 class Delivery:
     """The concurrent delivery engine."""
 
@@ -94,7 +125,7 @@ class Delivery:
         self._is_sync = is_sync
         self._lookup = lookup
         self._breaker = RejectionBreaker(max_consecutive_rejections)
-        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._slots = FairSlots(max_concurrency)
         # More threads than slots: threads sleeping in a backoff must not starve other lanes.
         self._pool = ThreadPoolExecutor(
             max_workers=max_concurrency * 2, thread_name_prefix="catena-send"

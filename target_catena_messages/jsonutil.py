@@ -14,11 +14,20 @@ import msgspec
 
 _ENCODER = msgspec.json.Encoder(decimal_format="number")
 _CANONICAL = msgspec.json.Encoder(decimal_format="number", order="sorted")
+_LENIENT = msgspec.json.Encoder(decimal_format="number", enc_hook=str)
 
 
 def dumps(obj: Any) -> str:
     """Encode compactly; keys keep their order."""
     return _ENCODER.encode(obj).decode()
+
+
+def dumps_lenient(obj: Any) -> str:
+    """Like :func:`dumps`, but a value of an unknown type is written as its ``str()``.
+
+    For dead letters: a record must never fail to be written because it held an odd type.
+    """
+    return _LENIENT.encode(obj).decode()
 
 
 def canonical(obj: Any) -> bytes:

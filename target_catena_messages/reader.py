@@ -29,6 +29,10 @@ class MessageReader(MsgSpecReader):
             raise InvalidInputLine(
                 f"input line {self.line_number} is not valid JSON ({exc})"
             ) from None
+        except UnicodeError:  # undecodable bytes arrive as surrogates (surrogateescape)
+            raise InvalidInputLine(f"input line {self.line_number} is not valid UTF-8") from None
+        except RecursionError:
+            raise InvalidInputLine(f"input line {self.line_number} is nested too deeply") from None
         if not isinstance(value, dict):
             raise InvalidInputLine(f"input line {self.line_number} is not a JSON object")
         return value

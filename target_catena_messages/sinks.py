@@ -34,6 +34,8 @@ class MessagesSink(BatchSink):
         key_properties: Sequence[str] | None,
     ) -> None:
         self.run: Run = target.run
+        # Off the SDK's batch context: singer-sdk logs the whole context at debug per record.
+        self._messages: list[Message] = []
         super().__init__(target, stream_name, schema, key_properties)
 
     def setup(self) -> None:
@@ -66,12 +68,10 @@ class MessagesSink(BatchSink):
 
     def process_record(self, record: dict[str, Any], context: dict[str, Any]) -> None:
         """Prepare the record now (numbered in input order); send it with its batch."""
-        context.setdefault("messages", []).append(
-            self.run.prepare(self.stream_name, self.key_properties or [], record)
-        )
+        self._messages.append(self.run.prepare(self.stream_name, self.key_properties or [], record))
 
     def process_batch(self, context: dict[str, Any]) -> None:
         """Hand the batch to the run: one ledger claim, then concurrent delivery."""
-        messages: list[Message] = context.pop("messages", [])
+        messages, self._messages = self._messages, []
         if messages:
             self.run.dispatch(messages)

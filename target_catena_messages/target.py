@@ -12,6 +12,7 @@ signals and exit codes away from the SDK and gives them to the Run:
 
 from __future__ import annotations
 
+import io
 import logging
 import signal
 import sys
@@ -40,7 +41,7 @@ _INPUT_ERRORS = (
     InvalidInputLine,
     RecordsWithoutSchemaException,
     MissingKeyPropertiesError,
-    UnicodeDecodeError,
+    UnicodeError,
 )
 
 
@@ -81,6 +82,7 @@ class TargetCatenaMessages(Target):
             batch_size=int(self.config.get("batch_size_rows") or 1000),
         )
         self.exit_code: int | None = None
+        self._input_done = False
 
     # -- STATE: ours, not the SDK's ------------------------------------------------------------
 
@@ -100,6 +102,7 @@ class TargetCatenaMessages(Target):
 
     def process_endofpipe(self) -> None:
         """End of input: drain the sinks, wait for every outcome, final STATE and summary."""
+        self._input_done = True
         super().process_endofpipe()
         self.exit_code = self.run.finish()
 
@@ -107,11 +110,15 @@ class TargetCatenaMessages(Target):
 
     def _handle_termination(self, signum: int, frame: FrameType | None) -> None:
         """Stop taking records; the fatal path finishes in-flight sends and writes safe STATE."""
+        name = signal.Signals(signum).name
+        if self.run.stop_requested:  # a second signal while shutting down: keep shutting down
+            logger.warning("%s received again; still finishing in-flight sends", name)
+            return
         self.run.stop_requested = True
         if self.run.delivery is not None:
             self.run.delivery.stop()
         if not self.run.critical:
-            raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+            raise Interrupted(f"interrupted by {name}")
 
     def run_to_end(self, file_input: IO[str] | None = None) -> int:
         """Read all input and return the exit code; a fatal error writes the safe STATE first."""
@@ -128,14 +135,23 @@ class TargetCatenaMessages(Target):
         return self.exit_code if self.exit_code is not None else 0
 
     def _describe(self, exc: BaseException) -> str:
-        reader = self.message_reader
-        line = getattr(reader, "line_number", None)
+        """One line naming the cause, and the input line when reading it caused the error."""
         text = str(exc) or type(exc).__name__
-        if isinstance(exc, UnicodeDecodeError):
-            return f"input line {(line or 0) + 1} is not valid UTF-8"
-        if isinstance(exc, (FatalError, InvalidInputLine)) or line is None:
-            return f"fatal: {text}"
-        return f"fatal: {text} (input line {line})"
+        line = getattr(self.message_reader, "line_number", None)
+        delivery = self.run.delivery
+        from_input = not self._input_done and (delivery is None or delivery.fatal is None)
+        if from_input and line and "input line" not in text:
+            return f"fatal: {text} (input line {line})"
+        return f"fatal: {text}"
+
+    def _process_schema_message(self, message_dict: dict[str, Any]) -> None:
+        """A SCHEMA without properties cannot describe a message: say which stream."""
+        schema = message_dict.get("schema")
+        if not isinstance(schema, dict) or not isinstance(schema.get("properties"), dict):
+            raise InvalidInputLine(
+                f"SCHEMA for stream {message_dict.get('stream')!r} has no properties object"
+            )
+        super()._process_schema_message(message_dict)
 
     @classmethod
     def invoke(  # type: ignore[override]
@@ -158,4 +174,9 @@ class TargetCatenaMessages(Target):
         except FatalError as exc:
             logger.error("fatal: %s", exc)  # noqa: TRY400
             sys.exit(1)
+        if file_input is not None and hasattr(file_input, "buffer"):
+            # As for stdin: undecodable bytes reach the reader, which names their line.
+            file_input = io.TextIOWrapper(
+                file_input.buffer, encoding="utf-8", errors="surrogateescape"
+            )
         sys.exit(target.run_to_end(file_input))
