@@ -267,3 +267,14 @@ def test_order_per_driver_holds_under_mixed_faults(tmp_path: Path, sandbox_facto
     result = run(tmp_path, sandbox, recs, max_ambiguous_resends=3, max_concurrency=8)
     assert result.returncode == 0, result.stderr
     assert_exactly_once_in_order(sandbox, recs)
+
+
+def test_lanes_share_the_slots_fairly(tmp_path: Path, sandbox_factory: Any) -> None:
+    # 6 drivers, 3 slots: a lane that just finished a request must queue behind the others,
+    # or three drivers get all the slots and STATE stalls behind the other three.
+    sandbox = sandbox_factory(plan({"kind": "latency", "ms": 30}))
+    recs = [dict(r, connection_id=CONN_A) for r in records(120, drivers=6)]
+    result = run(tmp_path, sandbox, recs, max_concurrency=3, batch_size_rows=20)
+    assert result.returncode == 0, result.stderr
+    first = [b["source_recipient_ids"][0] for b in sandbox.accepted_bodies()[:18]]
+    assert len(set(first)) == 6, first
