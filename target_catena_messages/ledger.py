@@ -40,6 +40,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, Engine
 
+from target_catena_messages import jsonutil
 from target_catena_messages.errors import ConfigError, FatalError
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,38 @@ class LedgerOutcome:
             raise ValueError(f"dead-lettered outcome for key {self.key!r} needs a stage")
         if self.status not in (ACCEPTED, DEAD_LETTERED):
             raise ValueError(f"unknown outcome status {self.status!r}")
+
+
+# -- issue 6: confirmation -------------------------------------------------------------------
+
+CONFIRMATION_STATUSES = ("success", "failed", "pending")
+
+
+@dataclass(frozen=True)
+class ConfirmedStatus:
+    """Catena's word on the operation of an accepted key (confirmation, ledger report refresh).
+
+    ``retryable``: a failure that sending again may cure (network, provider 5xx); the next run
+    that sees the key sends it again, like any retryable dead letter.
+    """
+
+    namespace: str
+    key: str
+    operation_id: str
+    status: Literal["success", "failed", "pending"]
+    retryable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.status not in CONFIRMATION_STATUSES:
+            raise ValueError(f"unknown confirmed status {self.status!r}")
+
+
+def retryable_fingerprint(fingerprint: str) -> str:
+    """What a retryable dead letter stores instead of its fingerprint: never equal to a body's.
+
+    So the next run that sees the key sends it again (the run stores retryable dead letters so).
+    """
+    return jsonutil.sha256_hex([fingerprint, "retryable"])
 
 
 def _check_fingerprint(fingerprint: str) -> None:
@@ -225,7 +258,9 @@ def _decide(
     if row["status"] == ACCEPTED:
         return ClaimResult(Decision.DUPLICATE, operation_id=row["operation_id"])
     if row["status"] == DEAD_LETTERED:
-        if row["fingerprint"] == fingerprint:
+        # An ambiguous key may have reached the driver: a changed body must not send it again
+        # (only an explicit re-drive --rearm reopens it, through the operation lookup).
+        if row["fingerprint"] == fingerprint or row["stage"] == "ambiguous":
             return ClaimResult(
                 Decision.PREVIOUSLY_DEAD_LETTERED,
                 operation_id=row["operation_id"],
@@ -452,6 +487,188 @@ class Ledger:
                 return
             after = (page[-1]["namespace"], page[-1]["key"])
 
+    # -- issue 6: confirmation, ledger report, re-drive -----------------------------------------
+
+    def get_many(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
+        """Rows of ``keys`` read in one transaction; keys without a row are absent."""
+        return self._lookup(list(set(keys)))
+
+    def record_confirmations(
+        self, updates: Sequence[ConfirmedStatus], *, now: datetime | None = None
+    ) -> int:
+        """Store Catena's final status of accepted operations, in ONE transaction.
+
+        ``failed`` also turns the key into a dead letter with stage ``confirmation``: Catena gave
+        up on the message, so the driver never got it, and a dead-lettered key is what makes a
+        changed body (or a re-armed re-drive) go out again while the same body is not resent
+        blindly. A row that is no longer accepted, or whose operation id differs (the key was
+        sent again meanwhile), is left alone.
+
+        Returns:
+            The number of rows changed.
+        """
+        self._require_writable("record_confirmations")
+        by_key: dict[Key, ConfirmedStatus] = {}
+        for update in updates:
+            key = (update.namespace, update.key)
+            if key in by_key:
+                raise ValueError(f"key {key!r} passed twice in one ledger call")
+            by_key[key] = update
+        if not by_key:
+            return 0
+        at = _utc(now)
+        return self._write(lambda conn: self._confirm_in(conn, by_key, at))
+
+    def status_counts(
+        self,
+        *,
+        namespace: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        now: datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """Key counts for the ledger report, grouped by what tells their story apart.
+
+        Each row: ``namespace``, ``status``, ``stage``, ``confirmed_status``, ``live`` (1 for a
+        claim whose lease still runs and that carries no earlier ambiguous send, i.e. a send in
+        progress right now) and ``count``. ``since``/``until`` bound ``updated_at`` (inclusive).
+        """
+        at = _utc(now)
+        live = sa.case(
+            (sa.and_(C.status == CLAIMED, C.lease_until > at, C.ambiguous_since.is_(None)), 1),
+            else_=0,
+        )
+        inner = _report_filter(
+            sa.select(C.namespace, C.status, C.stage, C.confirmed_status, live.label("live")),
+            namespace,
+            since,
+            until,
+        ).subquery()
+        # Grouped outside: PostgreSQL would see the CASE in SELECT and GROUP BY as two
+        # expressions (their bound parameters differ).
+        i = inner.c
+        query = (
+            sa.select(i.namespace, i.status, i.stage, i.confirmed_status, i.live)
+            .add_columns(sa.func.count().label("count"))
+            .group_by(i.namespace, i.status, i.stage, i.confirmed_status, i.live)
+            .order_by(i.namespace)
+        )
+        return self._fetch(query)
+
+    def report_rows(
+        self,
+        *,
+        namespace: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        settled: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """Rows for the ledger report in key order, page by page.
+
+        Without ``settled``, accepted keys that Catena did not report as pending or failed are
+        left out: they are the bulk of any ledger and need nobody's attention.
+        """
+        after: Key | None = None
+        while True:
+            query = _report_filter(
+                sa.select(TABLE).order_by(C.namespace, C.key).limit(_CHUNK), namespace, since, until
+            )
+            if not settled:
+                query = query.where(
+                    sa.or_(C.status != ACCEPTED, C.confirmed_status.in_(("pending", "failed")))
+                )
+            if after is not None:
+                query = query.where(
+                    sa.or_(
+                        C.namespace > after[0], sa.and_(C.namespace == after[0], C.key > after[1])
+                    )
+                )
+            page = self._fetch(query)
+            yield from page
+            if len(page) < _CHUNK:
+                return
+            after = (page[-1]["namespace"], page[-1]["key"])
+
+    def rearm_dead_letters(
+        self, keys: Sequence[Key], *, now: datetime | None = None
+    ) -> dict[str, int]:
+        """Let dead-lettered keys be sent again though body and settings are unchanged (re-drive).
+
+        A key dead-lettered as ``ambiguous`` may have reached Catena: it becomes an open claim
+        without a lease that remembers since when it is ambiguous, so the next claimant gets
+        ``RECOVER`` and looks for an existing operation before any resend. Any other dead letter
+        is removed, as if the key had never been sent. Accepted and claimed keys are untouched.
+
+        Returns:
+            ``{"removed": n, "ambiguous": n}``.
+        """
+        self._require_writable("rearm_dead_letters")
+        at = _utc(now)
+        return self._write(lambda conn: self._rearm_in(conn, keys, at))
+
+    def _confirm_in(
+        self, conn: Connection, by_key: dict[Key, ConfirmedStatus], at: datetime
+    ) -> int:
+        existing = self._select(conn, list(by_key), lock=True)
+        failed: list[dict[str, Any]] = []
+        others: list[dict[str, Any]] = []
+        for key in sorted(by_key):
+            update, row = by_key[key], existing.get(key)
+            if (
+                row is None
+                or row["status"] != ACCEPTED
+                or row["operation_id"] != update.operation_id
+            ):
+                continue
+            values = {"namespace": key[0], "key": key[1], "confirmed_status": update.status}
+            if update.status == "failed":
+                fingerprint = row["fingerprint"]
+                if update.retryable:
+                    fingerprint = retryable_fingerprint(fingerprint)
+                failed.append(
+                    {
+                        **values,
+                        "status": DEAD_LETTERED,
+                        "stage": "confirmation",
+                        "fingerprint": fingerprint,
+                    }
+                )
+            else:
+                others.append(values)
+        for rows in (failed, others):
+            self._update_rows(conn, [{**r, "updated_at": at} for r in rows])
+        return len(failed) + len(others)
+
+    def _rearm_in(self, conn: Connection, keys: Sequence[Key], at: datetime) -> dict[str, int]:
+        existing = self._select(conn, keys, lock=True)
+        removed: list[Key] = []
+        ambiguous: list[dict[str, Any]] = []
+        for key, row in sorted(existing.items()):
+            if row["status"] != DEAD_LETTERED:
+                continue
+            if row["stage"] != "ambiguous":
+                removed.append(key)
+                continue
+            ambiguous.append(
+                {
+                    "namespace": key[0],
+                    "key": key[1],
+                    "status": CLAIMED,
+                    "stage": None,
+                    "operation_id": None,
+                    "lease_until": None,
+                    "ambiguous_since": row["claimed_at"] or row["resolved_at"] or row["updated_at"],
+                    "resolved_at": None,
+                    "updated_at": at,
+                }
+            )
+        for namespace, group in _chunks(removed):
+            conn.execute(
+                sa.delete(TABLE).where(_match(namespace, group), C.status == DEAD_LETTERED)
+            )
+        self._update_rows(conn, ambiguous)
+        return {"removed": len(removed), "ambiguous": len(ambiguous)}
+
     # -- transactions ---------------------------------------------------------------------------
 
     def _lookup(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
@@ -661,6 +878,22 @@ class Ledger:
                 .where(own, C.ambiguous_since.is_not(None))
                 .values(lease_until=None, updated_at=at)
             )
+
+
+def _report_filter(
+    query: sa.Select[Any],
+    namespace: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> sa.Select[Any]:
+    """The ledger report's filters: one namespace, ``updated_at`` within [since, until]."""
+    if namespace is not None:
+        query = query.where(C.namespace == namespace)
+    if since is not None:
+        query = query.where(C.updated_at >= _utc(since))
+    if until is not None:
+        query = query.where(C.updated_at <= _utc(until))
+    return query
 
 
 def _create_table(conn: Connection) -> None:

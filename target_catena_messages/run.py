@@ -30,6 +30,14 @@ from target_catena_messages.catena.auth import (
 from target_catena_messages.catena.client import CatenaClient, make_session
 from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.checkpoint import Checkpointer
+from target_catena_messages.confirm import (
+    Pending,
+    confirm_operations,
+    dead_letter_fields,
+    ledger_updates,
+    summary_counts,
+    summary_lines,
+)
 from target_catena_messages.dead_letters import DeadLetterWriter
 from target_catena_messages.delivery import Delivery
 from target_catena_messages.errors import FatalError
@@ -40,6 +48,7 @@ from target_catena_messages.ledger import (
     Ledger,
     LedgerOutcome,
     new_run_id,
+    retryable_fingerprint,
 )
 from target_catena_messages.lookup import CatenaOperationLookup
 from target_catena_messages.message import (
@@ -152,6 +161,10 @@ class Run:
         self.critical = False
         self.stop_requested = False
         self.tokens: TokenProvider | None = None
+        self._client: CatenaClient | None = None
+        self._stop: threading.Event | None = None
+        self._to_confirm: list[Pending] = []  # accepted this run, when confirm_operations
+        self._confirmation: dict[str, Any] | None = None
         self.delivery: Delivery | None = None
         self._resolver: UserResolver | None = None
         self._resolve_ids = settings.message_schema == "catena_ids"
@@ -186,6 +199,7 @@ class Run:
         if s.message_schema == "catena_ids":
             self._resolver = UserResolver(client)
         stop = threading.Event()
+        self._client, self._stop = client, stop
         lookup = CatenaOperationLookup(
             client, self.ledger, lag_seconds=s.operation_lookup_lag_seconds, stop=stop
         )
@@ -485,6 +499,23 @@ class Run:
                     retryable=o.retryable,
                     record=m.record,
                 )
+            if (
+                o.resolution is Resolution.ACCEPTED
+                and self.settings.confirm_operations
+                and m.connection_id
+                and o.operation_id
+            ):
+                self._to_confirm.append(
+                    Pending(
+                        m.namespace,
+                        m.key,
+                        m.stream,
+                        m.connection_id,
+                        o.operation_id,
+                        m.record,
+                        m.attempts,
+                    )
+                )
             status = _LEDGER_STATUS.get(o.resolution)
             if status is not None:
                 records.append(
@@ -494,7 +525,7 @@ class Run:
                         status=status,
                         # A retryable failure (retries ran out) is tried again by a later run:
                         # its stored fingerprint can never equal a body's.
-                        fingerprint=jsonutil.sha256_hex([m.fingerprint, "retryable"])
+                        fingerprint=retryable_fingerprint(m.fingerprint)
                         if o.retryable
                         else m.fingerprint,
                         operation_id=o.operation_id,
@@ -605,7 +636,30 @@ class Run:
                     break
                 self._raise_if_failed()
                 self._resolved.wait(0.25)
+        self._confirm()
         return self._close(fatal=None)
+
+    def _confirm(self) -> None:
+        """confirm_operations: Catena's final word on this run's accepted messages (issue 6)."""
+        if not self._to_confirm or self._client is None:
+            return
+        try:
+            results = confirm_operations(
+                self._client,
+                self._to_confirm,
+                timeout_seconds=self.settings.confirm_timeout_seconds,
+                max_concurrency=self.settings.max_concurrency,
+                stop=self._stop,
+            )
+        except FatalError as exc:  # credentials refused: the messages stay accepted
+            logger.error("confirmation stopped: %s", exc)  # noqa: TRY400
+            return
+        for c in results:
+            if c.status == "failed":
+                self.dead_letters.write(**dead_letter_fields(c))
+        self.dead_letters.flush()  # before the final STATE
+        self.ledger.record_confirmations(ledger_updates(results))
+        self._confirmation = summary_counts(results)
 
     def abort(self, reason: BaseException) -> int:
         """Fatal: send nothing new, let in-flight requests finish, write the safe STATE."""
@@ -627,7 +681,12 @@ class Run:
         self.dead_letters.close()
         totals = self.report
         exit_code = 1 if fatal is not None or self._recorder_error is not None else 0
-        if exit_code == 0 and totals.has_failures() and not self.settings.allow_dead_letters:
+        failed_at_catena = bool(self._confirmation and self._confirmation["failed"])
+        if (
+            exit_code == 0
+            and (totals.has_failures() or failed_at_catena)
+            and not self.settings.allow_dead_letters
+        ):
             exit_code = 2
         lines, summary = self.report.summary(
             dead_letter_path=str(self.dead_letters.path),
@@ -637,6 +696,9 @@ class Run:
             exit_code=exit_code,
             elapsed=time.monotonic() - self._started,
         )
+        if self._confirmation is not None:
+            summary["confirmation"] = self._confirmation
+            lines += summary_lines(self._confirmation, label=lambda text: "  " + text)
         self.ledger.close()
         for text in lines:
             self._stderr(text)

@@ -124,6 +124,18 @@ SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
     ),
     _p("allow_body_hash_keys", th.BooleanType, "Key streams without key properties by body hash."),
     _p("dry_run", th.BooleanType, "Validate and dead-letter, send nothing.", default=False),
+    _p(
+        "confirm_operations",
+        th.BooleanType,
+        "After sending, poll Catena until each accepted message's operation succeeded or failed.",
+        default=False,
+    ),
+    _p(
+        "confirm_timeout_seconds",
+        th.NumberType,
+        "How long confirm_operations polls before leaving operations pending.",
+        default=300,
+    ),
 ).to_dict()
 
 
@@ -160,6 +172,8 @@ class Settings:
     ledger_namespace: str | None = None
     allow_body_hash_keys: bool = False
     dry_run: bool = False
+    confirm_operations: bool = False
+    confirm_timeout_seconds: float = 300.0
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -201,6 +215,7 @@ class Settings:
             "max_retry_seconds",
             "max_message_age_hours",
             "operation_lookup_lag_seconds",
+            "confirm_timeout_seconds",
         ):
             if name in known:
                 known[name] = float(known[name])
@@ -253,6 +268,7 @@ _BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("max_message_age_hours", 0, False),
     ("max_retry_seconds", 0, True),
     ("operation_lookup_lag_seconds", 0, True),
+    ("confirm_timeout_seconds", 0, True),
     ("max_requests_per_second", 0, False),
 )
 

@@ -134,6 +134,17 @@ def test_dead_letter_blocks_the_same_body_and_retries_a_changed_one(
     assert (row["stage"], row["lease_until"]) == (None, at(3 + LEASE))
 
 
+def test_ambiguous_dead_letter_is_not_resent_even_with_a_changed_body(
+    open_ledger: Callable[..., Ledger],
+) -> None:
+    """It may have reached the driver: an edited body must not make a second message."""
+    a, b = open_ledger("run-a"), open_ledger("run-b")
+    a.claim([req("k1")], now=T0)
+    a.record([dead("k1", stage="ambiguous")], now=at(1))
+    [again] = b.claim([req("k1", FP2)], now=at(2))
+    assert (again.decision, again.stage) == (PREV, "ambiguous")
+
+
 def test_validation_dead_letter_is_recorded_without_a_claim(
     open_ledger: Callable[..., Ledger],
 ) -> None:
