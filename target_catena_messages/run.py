@@ -153,7 +153,8 @@ class Run:
         self._last_renewal = time.monotonic()
         self._last_elsewhere_poll = 0.0
         self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
-        self._resolved = threading.Condition()
+        # One lock for the counter: prepare() adds under it, the recorder subtracts under it.
+        self._resolved = threading.Condition(self._lock)
         self._unresolved = 0
         self._max_unresolved = 2 * batch_size
         self._last_state_at = 0.0
@@ -401,11 +402,13 @@ class Run:
 
     def _wait_for_room(self) -> None:
         """Backpressure: keep at most ~two batches of records in memory."""
-        with self._resolved:
-            while self._unresolved > self._max_unresolved:
-                self._raise_if_failed()
+        while True:
+            with self._resolved:
+                if self._unresolved <= self._max_unresolved:
+                    return
                 self._resolved.wait(0.5)
-                self._poll_elsewhere()
+            self._raise_if_failed()
+            self._poll_elsewhere()
 
     def _poll_elsewhere(self) -> None:
         """Ask the ledger again about keys another process was sending (it may have died)."""
@@ -634,8 +637,8 @@ class Run:
             with self._resolved:
                 if self._unresolved == 0 and not self._elsewhere:
                     break
-                self._raise_if_failed()
                 self._resolved.wait(0.25)
+            self._raise_if_failed()
         self._confirm()
         return self._close(fatal=None)
 

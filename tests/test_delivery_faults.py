@@ -89,7 +89,7 @@ def test_ambiguous_statuses_are_looked_up_before_any_resend(
         )
     )
     recs = records(60)
-    result = run(tmp_path, sandbox, recs, max_ambiguous_resends=2)
+    result = run(tmp_path, sandbox, recs, max_ambiguous_resends=5)
     assert result.returncode == 0, result.stderr
     assert_exactly_once_in_order(sandbox, recs)
     assert result.summary is not None
@@ -119,7 +119,7 @@ def test_resets_and_accept_then_drop_end_exactly_once(tmp_path: Path, sandbox_fa
         )
     )
     recs = records(80)
-    result = run(tmp_path, sandbox, recs, max_ambiguous_resends=3)
+    result = run(tmp_path, sandbox, recs, max_ambiguous_resends=5)
     assert result.returncode == 0, result.stderr
     assert_exactly_once_in_order(sandbox, recs)
     # The dropped ones were adopted: their operation ids in STATE are the stored operations.
@@ -132,7 +132,7 @@ def test_latency_past_the_request_timeout_is_ambiguous_and_resolved(
 ) -> None:
     sandbox = sandbox_factory(plan({"kind": "latency", "ms": 2500, "match": {"requests": [3, 8]}}))
     recs = records(12)
-    result = run(tmp_path, sandbox, recs, request_timeout_seconds=1, max_ambiguous_resends=2)
+    result = run(tmp_path, sandbox, recs, request_timeout_seconds=1, max_ambiguous_resends=5)
     assert result.returncode == 0, result.stderr
     assert_exactly_once_in_order(sandbox, recs)
 
@@ -142,7 +142,7 @@ def test_non_json_error_bodies(tmp_path: Path, sandbox_factory: Any) -> None:
         plan({"kind": "status", "status": 502, "non_json": True, "match": {"every": 6}})
     )
     recs = records(30)
-    result = run(tmp_path, sandbox, recs, max_ambiguous_resends=2)
+    result = run(tmp_path, sandbox, recs, max_ambiguous_resends=5)
     assert result.returncode == 0, result.stderr
     assert_exactly_once_in_order(sandbox, recs)
 
@@ -264,7 +264,7 @@ def test_order_per_driver_holds_under_mixed_faults(tmp_path: Path, sandbox_facto
         )
     )
     recs = records(150, drivers=4)
-    result = run(tmp_path, sandbox, recs, max_ambiguous_resends=3, max_concurrency=8)
+    result = run(tmp_path, sandbox, recs, max_ambiguous_resends=5, max_concurrency=8)
     assert result.returncode == 0, result.stderr
     assert_exactly_once_in_order(sandbox, recs)
 
