@@ -23,11 +23,12 @@ from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import Any
 
-import requests
 import urllib3.exceptions as u3
+from urllib3.util.ssl_match_hostname import CertificateError
 
 __all__ = [
     "FailureKind",
+    "RequestNotSendable",
     "RetryPolicy",
     "classify_exception",
     "classify_status",
@@ -46,6 +47,14 @@ class FailureKind(str, Enum):
     """The token was refused: refresh it once and retry once."""
     REJECTION = "rejection"
     """Catena (or the request itself) refused the message: resending the same body cannot help."""
+
+
+class RequestNotSendable(ValueError):
+    """The transport refused to build a request (e.g. a header value with a newline).
+
+    Raised before any byte is sent, and deterministic: resending the same request cannot help.
+    Its message never quotes the offending value, which may be a token.
+    """
 
 
 _ACCEPTED = frozenset({200, 201, 202})
@@ -111,20 +120,17 @@ def _classify_sync_502(body: Any) -> FailureKind:
 _NOT_SENT: tuple[type[BaseException], ...] = (
     u3.ConnectTimeoutError,  # includes NewConnectionError and NameResolutionError
     u3.ClosedPoolError,
-    u3.EmptyPoolError,
-    requests.exceptions.ConnectTimeout,
+    u3.EmptyPoolError,  # no free socket within the timeout (the pool blocks at pool_size)
     ConnectionRefusedError,
     ssl.SSLCertVerificationError,  # only raised by the handshake, before any request byte
+    CertificateError,  # urllib3's own hostname check, also during the handshake
 )
 # Evidence that the request (or part of it) was sent: the server may have acted on it.
 _MAYBE_SENT: tuple[type[BaseException], ...] = (
     u3.ReadTimeoutError,
-    u3.ProtocolError,
+    u3.ProtocolError,  # "Connection aborted." around RemoteDisconnected, resets, broken bodies
     u3.DecodeError,
     u3.ResponseError,
-    requests.exceptions.ReadTimeout,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.ContentDecodingError,
     http.client.HTTPException,  # RemoteDisconnected, IncompleteRead, BadStatusLine
     ConnectionResetError,
     BrokenPipeError,
@@ -132,12 +138,8 @@ _MAYBE_SENT: tuple[type[BaseException], ...] = (
 )
 # The request could not even be built: deterministic, so resending cannot help.
 _UNSENDABLE: tuple[type[BaseException], ...] = (
-    requests.exceptions.InvalidURL,
-    requests.exceptions.InvalidSchema,
-    requests.exceptions.MissingSchema,
-    requests.exceptions.InvalidHeader,
-    requests.exceptions.InvalidJSONError,
-    requests.exceptions.URLRequired,
+    u3.LocationValueError,  # LocationParseError (bad URL), URLSchemeUnknown, no host
+    RequestNotSendable,
 )
 
 
@@ -145,9 +147,11 @@ def classify_exception(exc: BaseException) -> FailureKind:
     """Classify an exception raised while sending a request.
 
     Walks the whole chain (``__cause__``, ``__context__``, urllib3's ``MaxRetryError.reason`` and
-    exceptions nested in ``args``), because requests and urllib3 wrap the socket error that holds
-    the evidence two or three levels deep. SAFE needs positive evidence that nothing was sent and
-    no evidence to the contrary; anything else is AMBIGUOUS.
+    exceptions nested in ``args``), because urllib3 wraps the socket error that holds the evidence:
+    ``ProtocolError("Connection aborted.", ConnectionResetError(...))``,
+    ``SSLError(SSLCertVerificationError(...))``, ``ProxyError(msg, NewConnectionError(...))``.
+    SAFE needs positive evidence that nothing was sent and no evidence to the contrary; anything
+    else is AMBIGUOUS.
 
     Returns:
         SAFE, AMBIGUOUS, or REJECTION for requests that could not be built (bad URL or header).

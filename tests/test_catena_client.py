@@ -16,8 +16,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import certifi
 import pytest
-import requests
 
 from target_catena_messages.catena import (
     Accepted,
@@ -26,6 +26,7 @@ from target_catena_messages.catena import (
     ClientCredentialsTokenProvider,
     CredentialsRefused,
     Failure,
+    HttpTransport,
     StaticTokenProvider,
     TokenUnavailable,
     make_session,
@@ -44,7 +45,7 @@ SECRET = "s3cret-Do-Not-Leak-42"
 
 
 @pytest.fixture
-def session() -> Iterator[requests.Session]:
+def session() -> Iterator[HttpTransport]:
     s = make_session(16)
     yield s
     s.close()
@@ -53,7 +54,7 @@ def session() -> Iterator[requests.Session]:
 class Kit:
     """A client wired to one sandbox, plus the pieces tests look at."""
 
-    def __init__(self, sandbox: Any, session: requests.Session, **provider: Any) -> None:
+    def __init__(self, sandbox: Any, session: HttpTransport, **provider: Any) -> None:
         self.sandbox = sandbox
         self.tokens = ClientCredentialsTokenProvider(
             session, sandbox.url + TOKEN_PATH, CLIENT_ID, SECRET, **provider
@@ -63,7 +64,7 @@ class Kit:
 
 @pytest.fixture
 def kit_factory(
-    sandbox_factory: Callable[[dict[str, Any]], Any], session: requests.Session
+    sandbox_factory: Callable[[dict[str, Any]], Any], session: HttpTransport
 ) -> Callable[..., Kit]:
     def make(config: dict[str, Any] | None = None, **provider: Any) -> Kit:
         return Kit(sandbox_factory(config or {}), session, **provider)
@@ -279,9 +280,7 @@ def test_refused_connection_is_safe(kit_factory: Callable[..., Kit]) -> None:
     assert isinstance(kit.client.create_message(source_body()), Accepted)
 
 
-def test_read_timeout_is_ambiguous(
-    kit_factory: Callable[..., Kit], session: requests.Session
-) -> None:
+def test_read_timeout_is_ambiguous(kit_factory: Callable[..., Kit], session: HttpTransport) -> None:
     kit = kit_factory(
         {"faults": faults({"kind": "latency", "ms": 800, "match": {"requests": [1]}})}
     )
@@ -292,7 +291,7 @@ def test_read_timeout_is_ambiguous(
     assert "Timeout" in result.message
 
 
-def test_redirect_is_not_followed_and_is_a_rejection(session: requests.Session) -> None:
+def test_redirect_is_not_followed_and_is_a_rejection(session: HttpTransport) -> None:
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
@@ -362,7 +361,7 @@ def test_403_on_one_connection_rejects_only_that_connection(
 
 
 def test_static_token_403_is_a_rejection_without_refresh(
-    sandbox_factory: Callable[[dict[str, Any]], Any], session: requests.Session
+    sandbox_factory: Callable[[dict[str, Any]], Any], session: HttpTransport
 ) -> None:
     box = sandbox_factory(
         {"faults": faults({"kind": "forbid", "match": {"connection_id": OTHER_CONN}})}
@@ -376,9 +375,7 @@ def test_static_token_403_is_a_rejection_without_refresh(
     assert isinstance(client.create_message(source_body()), Accepted)
 
 
-def test_static_token_401_is_fatal_without_leaking_it(
-    sandbox: Any, session: requests.Session
-) -> None:
+def test_static_token_401_is_fatal_without_leaking_it(sandbox: Any, session: HttpTransport) -> None:
     client = CatenaClient(sandbox.url, StaticTokenProvider("expired-token-abc"), session)
     with pytest.raises(CredentialsRefused) as info:
         client.create_message(source_body())
@@ -388,7 +385,7 @@ def test_static_token_401_is_fatal_without_leaking_it(
 
 def test_credentials_refused_names_url_and_client_but_never_the_secret(
     sandbox_factory: Callable[[dict[str, Any]], Any],
-    session: requests.Session,
+    session: HttpTransport,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -410,7 +407,7 @@ def test_credentials_refused_names_url_and_client_but_never_the_secret(
 
 
 def test_right_credentials_are_accepted(
-    sandbox_factory: Callable[[dict[str, Any]], Any], session: requests.Session
+    sandbox_factory: Callable[[dict[str, Any]], Any], session: HttpTransport
 ) -> None:
     box = sandbox_factory({"credentials": {"client_id": CLIENT_ID, "client_secret": SECRET}})
     tokens = ClientCredentialsTokenProvider(session, box.url + TOKEN_PATH, CLIENT_ID, SECRET)
@@ -488,7 +485,7 @@ def test_short_token_is_refreshed_before_it_expires(kit_factory: Callable[..., K
 
 
 def test_refresh_margin_is_a_tenth_of_short_lifetimes(
-    sandbox_factory: Callable[[dict[str, Any]], Any], session: requests.Session
+    sandbox_factory: Callable[[dict[str, Any]], Any], session: HttpTransport
 ) -> None:
     box = sandbox_factory({"token_lifetime_seconds": 5})
     now = [1000.0]
@@ -504,13 +501,14 @@ def test_refresh_margin_is_a_tenth_of_short_lifetimes(
 
 
 def test_eight_threads_refused_at_once_cause_one_refresh(
-    kit_factory: Callable[..., Kit], session: requests.Session
+    kit_factory: Callable[..., Kit], session: HttpTransport
 ) -> None:
     kit = kit_factory()
     first = kit.tokens.token()
-    revoked = session.post(
+    revoked = session.request(
+        "POST",
         kit.sandbox.url + REVOKE_PATH,
-        data={"token": first, "client_id": CLIENT_ID, "client_secret": SECRET},
+        form={"token": first, "client_id": CLIENT_ID, "client_secret": SECRET},
         timeout=5,
     )
     assert revoked.status_code == 200
@@ -670,7 +668,7 @@ def test_list_users_failure_raises(kit_factory: Callable[..., Kit]) -> None:
     "url",
     ["http://api.catenatelematics.com", "ftp://127.0.0.1", "api.catenatelematics.com", "https://"],
 )
-def test_insecure_or_malformed_urls_are_refused(url: str, session: requests.Session) -> None:
+def test_insecure_or_malformed_urls_are_refused(url: str, session: HttpTransport) -> None:
     with pytest.raises(ConfigError):
         CatenaClient(url, StaticTokenProvider("t"), session)
     with pytest.raises(ConfigError):
@@ -687,14 +685,40 @@ def test_insecure_or_malformed_urls_are_refused(url: str, session: requests.Sess
         "https://x.example",
     ],
 )
-def test_loopback_http_and_https_are_allowed(url: str, session: requests.Session) -> None:
+def test_loopback_http_and_https_are_allowed(url: str, session: HttpTransport) -> None:
     CatenaClient(url, StaticTokenProvider("t"), session)
 
 
-def test_make_session_pool_and_headers() -> None:
-    with make_session(24) as s:
-        adapter = s.get_adapter("https://api.catenatelematics.com")
-        assert adapter._pool_maxsize == 24  # type: ignore[attr-defined]
-        assert adapter.max_retries.total == 0  # type: ignore[attr-defined]
-        assert str(s.headers["User-Agent"]).startswith("target-catena-messages")
-        assert s.verify is True
+def test_make_session_is_a_verifying_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with make_session(24) as transport:
+        assert isinstance(transport, HttpTransport)
+        assert transport.pool_size == 24
+        assert transport.ca_bundle == certifi.where()
+        assert transport.headers["User-Agent"].startswith("target-catena-messages")
+        assert transport.headers["Accept"] == "application/json"
+    with pytest.raises(ValueError):
+        make_session(0)
+
+
+def test_token_with_a_newline_is_a_rejection_that_never_leaves(
+    sandbox: Any, session: HttpTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = CatenaClient(sandbox.url, StaticTokenProvider("abc\r\nX-Injected: 1"), session)
+    result = client.create_message(source_body())
+    assert isinstance(result, Failure)
+    assert (result.status, result.kind) == (None, FailureKind.REJECTION)
+    assert "X-Injected" not in result.message
+    assert "X-Injected" not in caplog.text
+    assert sandbox.stats()["requests"].get("messages", 0) == 0
+
+
+def test_closed_transport_fails_safe(sandbox: Any) -> None:
+    transport = make_session(2)
+    client = CatenaClient(sandbox.url, StaticTokenProvider("t"), transport)
+    transport.close()
+    result = client.create_message(source_body())
+    assert isinstance(result, Failure)
+    assert (result.status, result.kind) == (None, FailureKind.SAFE)

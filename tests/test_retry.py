@@ -1,7 +1,7 @@
 """Tests for retry.py: status and exception classification, Retry-After parsing, backoff bounds.
 
-Exceptions come from real sockets (a closed port, tiny local servers that misbehave) so the tests
-follow whatever wrapping requests and urllib3 actually do.
+Exceptions come from real sockets (a closed port, tiny local servers that misbehave) sent through
+the client's own transport, so the tests follow whatever wrapping urllib3 actually does.
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
-import requests
 import urllib3.exceptions as u3
 from hypothesis import given
 from hypothesis import strategies as st
+from urllib3 import HTTPHeaderDict
+from urllib3.util.ssl_match_hostname import CertificateError
 
+from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport
 from target_catena_messages.retry import (
     FailureKind,
+    RequestNotSendable,
     RetryPolicy,
     classify_exception,
     classify_status,
@@ -222,23 +225,31 @@ def one_shot_server(handler: Callable[[socket.socket], object]) -> Iterator[str]
         thread.join(timeout=5)
 
 
-def _post(url: str, timeout: float | tuple[float, float] = 5.0) -> BaseException:
-    with requests.Session() as session:
+def _post(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> BaseException:
+    """POST through a fresh transport and return what it raised (exactly as the client sees it)."""
+    with HttpTransport(1) as transport:
         try:
-            session.post(url + "/v2/telematics/messages", json={"a": 1}, timeout=timeout)
-        except requests.RequestException as exc:
+            transport.request(
+                "POST",
+                url + "/v2/telematics/messages",
+                body=b'{"a": 1}',
+                headers={"Content-Type": "application/json", **(headers or {})},
+                timeout=timeout,
+            )
+        except SEND_ERRORS as exc:
             return exc
     raise AssertionError("the request unexpectedly succeeded")
 
 
 def test_connection_refused_is_safe() -> None:
     exc = _post(f"http://127.0.0.1:{_free_port()}")
-    assert isinstance(exc, requests.ConnectionError)
+    assert isinstance(exc, u3.NewConnectionError)
     assert classify_exception(exc) is SAFE
 
 
 def test_name_resolution_failure_is_safe() -> None:
     exc = _post("http://no-such-host.invalid")
+    assert isinstance(exc, u3.NameResolutionError)
     assert classify_exception(exc) is SAFE
 
 
@@ -256,12 +267,12 @@ def test_connect_timeout_is_safe() -> None:
             f.connect_ex(("127.0.0.1", port))
             fillers.append(f)
         time.sleep(0.05)
-        exc = _post(f"http://127.0.0.1:{port}", timeout=(0.3, 5))
+        exc = _post(f"http://127.0.0.1:{port}", timeout=0.3)
     finally:
         for f in fillers:
             f.close()
         srv.close()
-    if not isinstance(exc, requests.ConnectTimeout):
+    if not isinstance(exc, u3.ConnectTimeoutError):
         pytest.skip(f"this kernel does not drop SYNs on a full backlog ({type(exc).__name__})")
     assert classify_exception(exc) is SAFE
 
@@ -269,7 +280,7 @@ def test_connect_timeout_is_safe() -> None:
 def test_close_after_reading_request_is_ambiguous() -> None:
     with one_shot_server(_read_request) as url:
         exc = _post(url)
-    assert isinstance(exc, requests.ConnectionError)
+    assert isinstance(exc, u3.ProtocolError)
     assert classify_exception(exc) is AMBIGUOUS
 
 
@@ -281,7 +292,7 @@ def _reset(conn: socket.socket) -> None:
 def test_reset_after_reading_request_is_ambiguous() -> None:
     with one_shot_server(_reset) as url:
         exc = _post(url)
-    assert isinstance(exc, requests.ConnectionError)
+    assert isinstance(exc, u3.ProtocolError)
     assert classify_exception(exc) is AMBIGUOUS
 
 
@@ -295,7 +306,7 @@ def test_read_timeout_is_ambiguous() -> None:
     with one_shot_server(stall) as url:
         exc = _post(url, timeout=0.3)
         done.set()
-    assert isinstance(exc, requests.ReadTimeout)
+    assert isinstance(exc, u3.ReadTimeoutError)
     assert classify_exception(exc) is AMBIGUOUS
 
 
@@ -310,6 +321,7 @@ def test_timeout_while_reading_body_is_ambiguous() -> None:
     with one_shot_server(half_body) as url:
         exc = _post(url, timeout=0.3)
         done.set()
+    assert isinstance(exc, u3.ReadTimeoutError)
     assert classify_exception(exc) is AMBIGUOUS
 
 
@@ -323,14 +335,36 @@ def test_truncated_chunked_body_is_ambiguous() -> None:
 
     with one_shot_server(truncated) as url:
         exc = _post(url)
-    assert isinstance(exc, requests.exceptions.ChunkedEncodingError)
+    assert isinstance(exc, u3.ProtocolError)
     assert classify_exception(exc) is AMBIGUOUS
 
 
-def test_invalid_url_is_a_rejection() -> None:
-    with requests.Session() as session, pytest.raises(requests.RequestException) as info:
-        session.post("http://[::1/v2", json={}, timeout=1)
-    assert classify_exception(info.value) is REJECTION
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("http://[::1", u3.LocationParseError),
+        ("http://127.0.0.1:99999", u3.LocationParseError),
+        ("ftp://127.0.0.1", u3.URLSchemeUnknown),
+    ],
+)
+def test_unparsable_url_is_a_rejection(url: str, error: type[Exception]) -> None:
+    exc = _post(url)
+    assert isinstance(exc, error)
+    assert classify_exception(exc) is REJECTION
+
+
+def test_unsendable_header_is_a_rejection_and_nothing_is_sent() -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        exc = _post(f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer t\r\nX-Evil: 1"})
+        srv.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            srv.accept()  # not even a connection was opened
+    assert isinstance(exc, RequestNotSendable)
+    assert "X-Evil" not in str(exc)
+    assert classify_exception(exc) is REJECTION
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl binary")
@@ -353,38 +387,42 @@ def test_untrusted_certificate_is_safe(tmp_path: Path) -> None:
 
     with one_shot_server(tls) as url:
         exc = _post(url.replace("http://", "https://"))
-    assert isinstance(exc, requests.exceptions.SSLError)
+    assert isinstance(exc, u3.SSLError)
     assert classify_exception(exc) is SAFE
 
 
-# Chains requests builds that are awkward to provoke with sockets; built the way urllib3 does.
+# Chains that are awkward to provoke with sockets; built the way urllib3 builds them.
 
 
 def test_max_retry_error_reason_is_followed() -> None:
     refused = u3.NewConnectionError(None, "Failed to establish a new connection: refused")  # type: ignore[arg-type]
-    wrapped = requests.ConnectionError(u3.MaxRetryError(None, "/", reason=refused))  # type: ignore[arg-type]
-    assert classify_exception(wrapped) is SAFE
+    assert classify_exception(u3.MaxRetryError(None, "/", reason=refused)) is SAFE  # type: ignore[arg-type]
     proto = u3.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
-    wrapped = requests.ConnectionError(u3.MaxRetryError(None, "/", reason=proto))  # type: ignore[arg-type]
-    assert classify_exception(wrapped) is AMBIGUOUS
+    assert classify_exception(u3.MaxRetryError(None, "/", reason=proto)) is AMBIGUOUS  # type: ignore[arg-type]
 
 
-def test_protocol_error_args_are_followed() -> None:
-    exc = requests.ConnectionError(
-        u3.ProtocolError("Connection aborted.", http.client.RemoteDisconnected("closed"))
-    )
+def test_wrapped_errors_in_args_are_followed() -> None:
+    refused = u3.NewConnectionError(None, "Failed to establish a new connection: refused")  # type: ignore[arg-type]
+    assert classify_exception(u3.ProxyError("Unable to connect to proxy", refused)) is SAFE
+    assert classify_exception(u3.SSLError(CertificateError("hostname mismatch"))) is SAFE
+    pool = HttpTransport(1)._pool("http", "127.0.0.1", 9)
+    assert classify_exception(u3.EmptyPoolError(pool, "no free connection")) is SAFE
+    exc = u3.SSLError(u3.ProtocolError("aborted", http.client.RemoteDisconnected("closed")))
     assert classify_exception(exc) is AMBIGUOUS
 
 
 def test_conflicting_evidence_is_ambiguous() -> None:
-    inner = u3.ProtocolError("aborted", ConnectionRefusedError(111, "refused"))
-    assert classify_exception(requests.ConnectionError(inner)) is AMBIGUOUS
+    exc = u3.ProxyError("Unable to connect to proxy", ConnectionRefusedError(111, "refused"))
+    exc.__context__ = ConnectionResetError(104, "reset")
+    assert classify_exception(exc) is AMBIGUOUS
 
 
 @pytest.mark.parametrize(
     "exc",
     [
-        requests.ConnectionError("something odd"),
+        u3.HTTPError("something odd"),
+        u3.TimeoutError("timed out, but connecting or reading?"),
+        u3.SSLError(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")),
         TimeoutError("timed out"),
         OSError("boom"),
         RuntimeError("unknown"),
@@ -402,8 +440,8 @@ def test_raw_socket_errors() -> None:
 
 
 def test_self_referencing_chain_terminates() -> None:
-    a = requests.ConnectionError("a")
-    b = requests.ConnectionError("b")
+    a = u3.HTTPError("a")
+    b = u3.HTTPError("b")
     a.__context__ = b
     b.__context__ = a
     assert classify_exception(a) is AMBIGUOUS
@@ -448,8 +486,8 @@ def test_retry_after_http_date() -> None:
     assert retry_after_seconds(None, {"Retry-After": earlier}, now=now) == 0.0
 
 
-def test_retry_after_with_requests_headers() -> None:
-    headers = requests.structures.CaseInsensitiveDict({"retry-after": "3"})
+def test_retry_after_with_urllib3_headers() -> None:
+    headers = HTTPHeaderDict({"retry-after": "3"})
     assert retry_after_seconds({}, headers) == 3.0
 
 

@@ -25,6 +25,7 @@ from target_catena_messages.catena.errors import (
     TokenNotRefreshable,
     TokenUnavailable,
 )
+from target_catena_messages.catena.transport import HttpTransport, Response
 
 __all__ = [
     "Accepted",
@@ -34,6 +35,8 @@ __all__ = [
     "ClientStats",
     "CredentialsRefused",
     "Failure",
+    "HttpTransport",
+    "Response",
     "StaticTokenProvider",
     "TokenNotRefreshable",
     "TokenProvider",

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
-import requests
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from target_catena_messages import jsonutil
 from target_catena_messages.catena.errors import (
@@ -26,6 +26,7 @@ from target_catena_messages.catena.errors import (
     TokenNotRefreshable,
     TokenUnavailable,
 )
+from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport
 from target_catena_messages.errors import ConfigError
 from target_catena_messages.retry import RetryPolicy, retry_after_seconds
 
@@ -69,21 +70,28 @@ def require_safe_url(url: str, setting: str) -> str:
     Tokens and the client secret travel to both ``api_url`` and ``auth_url``, so ``http://`` is
     allowed only for loopback hosts (the local sandbox).
 
+    Parsed the way the transport parses it, so a URL accepted here can be sent (a bad port or
+    bracket is a configuration error now, not a failure of every request later).
+
     Returns:
         The URL without a trailing slash.
 
     Raises:
-        ConfigError: The URL is not https (or loopback http), or has no host.
+        ConfigError: The URL is not https (or loopback http), has no host, or cannot be parsed.
     """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.scheme == "https" and host:
+    try:
+        parts = parse_url(url)
+    except LocationParseError as exc:
+        raise ConfigError(f"{setting} is not a valid URL: {exc}") from None
+    scheme = (parts.scheme or "").lower()
+    host = (parts.host or "").strip("[]")
+    if scheme == "https" and host:
         return url.rstrip("/")
-    if parts.scheme == "http" and _is_loopback(host):
+    if scheme == "http" and _is_loopback(host):
         return url.rstrip("/")
     raise ConfigError(
         f"{setting} must be an https:// URL (http:// only for 127.0.0.0/8, ::1 or localhost), "
-        f"got {parts.scheme or 'no'} scheme for host {host or '(none)'!r}"
+        f"got {scheme or 'no'} scheme for host {host or '(none)'!r}"
     )
 
 
@@ -145,7 +153,7 @@ class ClientCredentialsTokenProvider:
 
     def __init__(  # noqa: PLR0917 - positional order is the agreed public signature
         self,
-        session: requests.Session,
+        session: HttpTransport,
         auth_url: str,
         client_id: str,
         client_secret: str,
@@ -252,14 +260,10 @@ class ClientCredentialsTokenProvider:
             "scope": self._scope,
         }
         try:
-            response = self._session.post(
-                self._auth_url,
-                data=form,
-                headers={"Accept": "application/json"},
-                timeout=self._timeout,
-                allow_redirects=False,
+            response = self._session.request(
+                "POST", self._auth_url, form=form, timeout=self._timeout
             )
-        except requests.RequestException as exc:
+        except SEND_ERRORS as exc:
             return _Transient(self._redact(f"{type(exc).__name__}: {exc}"), None)
         body = _json_or_none(response.content)
         status = response.status_code

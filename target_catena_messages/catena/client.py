@@ -15,13 +15,8 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from urllib.parse import quote
-
-import requests
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 
 from target_catena_messages import jsonutil
 from target_catena_messages.catena.auth import TokenProvider, require_safe_url
@@ -30,6 +25,7 @@ from target_catena_messages.catena.errors import (
     TokenNotRefreshable,
     TokenUnavailable,
 )
+from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport, Response
 from target_catena_messages.retry import (
     FailureKind,
     classify_exception,
@@ -49,34 +45,18 @@ MAX_IDS_PER_REQUEST = 100
 MAX_PAGE_SIZE = 1000
 _TEXT_LIMIT = 500
 
-# Errors a request can end in besides requests' own: urllib3/http.client leaks are rare but must
-# still become a Failure, never an exception out of create_message.
-_SEND_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
+def make_session(pool_size: int) -> HttpTransport:
+    """The transport shared by the client and the token provider, sized for ``pool_size``.
 
-def _user_agent() -> str:
-    try:
-        return f"target-catena-messages/{version('target-catena-messages')}"
-    except PackageNotFoundError:
-        return "target-catena-messages"
+    Named for the requests.Session it replaced, so callers did not change. It never retries,
+    never follows a redirect and always verifies TLS (see :mod:`.transport`).
 
-
-def make_session(pool_size: int) -> requests.Session:
-    """A session whose connection pool fits ``pool_size`` concurrent requests.
-
-    ``max_retries=0``: urllib3 must never resend a POST on its own; retries are delivery's
-    decision. TLS verification stays on (``REQUESTS_CA_BUNDLE`` is honoured by requests).
+    Raises:
+        ValueError: ``pool_size`` < 1.
+        ConfigError: The CA bundle (``REQUESTS_CA_BUNDLE``/``SSL_CERT_FILE``) cannot be loaded.
     """
-    if pool_size < 1:
-        raise ValueError("pool_size must be >= 1")
-    session = requests.Session()
-    for prefix in ("https://", "http://"):
-        session.mount(
-            prefix, HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-        )
-    session.headers["User-Agent"] = _user_agent()
-    session.headers["Accept"] = "application/json"
-    return session
+    return HttpTransport(pool_size)
 
 
 @dataclass(frozen=True)
@@ -149,12 +129,12 @@ class ClientStats:
 
 
 class CatenaClient:
-    """Typed calls to the Catena API over one shared, thread-safe session.
+    """Typed calls to the Catena API over one shared, thread-safe transport.
 
     Args:
         api_url: Base URL (https, or http for loopback only).
         tokens: Where bearer tokens come from.
-        session: Usually from :func:`make_session`, shared with the token provider.
+        session: The transport, usually from :func:`make_session`, shared with the token provider.
         timeout: Seconds per HTTP request (connect and read).
     """
 
@@ -162,7 +142,7 @@ class CatenaClient:
         self,
         api_url: str,
         tokens: TokenProvider,
-        session: requests.Session,
+        session: HttpTransport,
         *,
         timeout: float = 30.0,
     ) -> None:
@@ -388,22 +368,16 @@ class CatenaClient:
         *,
         params: list[tuple[str, str]] | None,
         data: bytes | None,
-    ) -> requests.Response | Failure:
+    ) -> Response | Failure:
         """Send once; a network error becomes a classified Failure (its text holds no token)."""
         headers = {"Authorization": f"Bearer {token}"}
         if data is not None:
             headers["Content-Type"] = "application/json"
         try:
             response = self._session.request(
-                method,
-                url,
-                params=params,
-                data=data,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
+                method, url, params=params, body=data, headers=headers, timeout=self._timeout
             )
-        except _SEND_ERRORS as exc:
+        except SEND_ERRORS as exc:
             self.stats.record(endpoint, type(exc).__name__)
             kind = classify_exception(exc)
             logger.debug("%s %s failed (%s): %s", method, endpoint, kind.value, exc)
@@ -413,7 +387,7 @@ class CatenaClient:
 
     def _outcome(
         self,
-        response: requests.Response | Failure,
+        response: Response | Failure,
         is_sync: bool,
         *,
         kind: FailureKind | None = None,
@@ -460,11 +434,9 @@ def _api_error(body: Any, content: bytes) -> Any:
     return {"text": content[:_TEXT_LIMIT].decode("utf-8", "replace")}
 
 
-def _describe(
-    status: int, reason: str | None, body: Any, headers: Mapping[str, str], note: str
-) -> str:
+def _describe(status: int, reason: str, body: Any, headers: Mapping[str, str], note: str) -> str:
     """One line for logs and dead letters: status, Catena's message, and the gist of detail."""
-    head = f"HTTP {status} {reason or ''}".strip()
+    head = f"HTTP {status} {reason}".strip()
     if note:
         head += f" {note}"
     if 300 <= status < 400:
