@@ -136,7 +136,7 @@ class TargetCatenaMessages(Target):
 
     def _describe(self, exc: BaseException) -> str:
         """One line naming the cause, and the input line when reading it caused the error."""
-        text = str(exc) or type(exc).__name__
+        text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the source
         line = getattr(self.message_reader, "line_number", None)
         delivery = self.run.delivery
         from_input = not self._input_done and (delivery is None or delivery.fatal is None)

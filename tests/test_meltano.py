@@ -1,0 +1,485 @@
+"""The TMS -> Catena pipeline, proven with real Meltano, tap-postgres and PostgreSQL.
+
+The repo's meltano.yml is run as users run it: ``meltano install`` (tap-postgres from PyPI, the
+target from this repo), then ``meltano run`` against a PostgreSQL database loaded with
+``sample_data/tms_schema.sql`` and the sandbox on loopback, five times:
+
+1. first run: Catena receives exactly the outbound rows of the TMS, each mapped by the stream
+   maps of meltano.yml (recipient, sender, fleet -> connection, priority, provider thread and
+   reply ids only where the TMS holds them); Meltano stores the tap's bookmark;
+2. new rows and an edited, already sent row, run as the scheduled job: only the new rows are
+   sent. The tap re-reads the boundary row (``updated_at >= bookmark``) and the edited row; the
+   target reports both as duplicates with their first operation ids, from the ledger;
+3. a blank message, one to a driver without a provider id and one for a fleet without a
+   connection: three dead letters (never an empty message, never a fleet broadcast); the target
+   exits 2, Meltano fails the run and still keeps the target's safe STATE, so the bookmark moves
+   past them; ``meltano invoke target-catena-messages:ledger`` reports them;
+4. the runbook's re-drives: the configuration fix through ``meltano config set`` and the
+   ``redrive`` command piped into ``meltano invoke``, the data fixes in the TMS through the next
+   run (their bodies changed);
+5. the runbook's ``--full-refresh`` (with ``allow_dead_letters``): nothing is sent again, and an
+   old row the incremental runs never saw is expired by the age guard, not sent.
+
+The consistency checks (meltano.yml, the Hub definition and ``--about`` say the same about every
+setting) need no Meltano and run everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import psycopg
+import pytest
+import yaml  # type: ignore[import-untyped]  # no types-PyYAML in the typing group
+from psycopg.rows import dict_row
+from sqlalchemy.engine import make_url
+
+from target_catena_messages.sandbox.server import Sandbox
+from tests.meltano.project import (
+    REPO,
+    MeltanoProject,
+    ensure_meltano,
+    load_meltano_yml,
+    make_project,
+    meltano_schema_path,
+    require_success,
+    summaries,
+)
+
+STREAM = "tms-driver_message_outbox"
+STATE_ID = "dev:tap-tms-to-target-catena-messages"
+LEDGER_NAMESPACE = "tms-dispatch-messages"  # ledger_namespace in meltano.yml
+CLIENT_SECRET = "meltano-test-secret-5f2d9c1e7a"
+CONNECTIONS = {  # the Catena connection of each fleet, as in sample_data/sandbox.json
+    "PLF": "3b6f7f2e-5d0a-4c1b-9f8e-2a7c4d9e1b10",
+    "BRC": "8d2e4c6a-1f3b-4a5d-8c7e-9b0a1d2c3e41",
+    "GCH": "c5a1e9d7-2b4f-4e6a-a8c0-7d3f5b9e1a62",
+}
+PRIORITY = {"URG": "high", "HIGH": "high", "NORM": "medium", "LOW": "low"}
+# Settings singer-sdk adds to --about that this target does not offer in Meltano, and why.
+NOT_OFFERED = {
+    "add_record_metadata": "_sdc_ fields are never part of a Catena body",
+    "load_method": "a message is sent once; there is nothing to upsert or overwrite",
+    "faker_config": "needs singer-sdk's faker extra, which the target does not install",
+}
+KINDS = {"string": "string", "integer": "integer", "number": "decimal", "boolean": "boolean"}
+
+
+# -- what the files say about the settings (no Meltano needed) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def about() -> dict[str, Any]:
+    """``target-catena-messages --about --format json``: what Meltano and the Hub must mirror."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "target_catena_messages", "--about", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    value: dict[str, Any] = json.loads(proc.stdout)
+    return value
+
+
+def _expected_kind(prop: Mapping[str, Any]) -> str:
+    if "enum" in prop or "allowed_values" in prop:
+        return "options"
+    types = [t for t in prop["type"] if t != "null"] if isinstance(prop["type"], list) else []
+    kind = types[0] if types else prop["type"]
+    return "object" if kind == "object" else KINDS[kind]
+
+
+def _loader_definition() -> dict[str, Any]:
+    (loader,) = load_meltano_yml()["plugins"]["loaders"]
+    assert isinstance(loader, dict)
+    return loader
+
+
+def _hub_definition() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((REPO / "target-catena-messages.yml").read_text())
+    return data
+
+
+@pytest.mark.parametrize("source", ["meltano.yml", "target-catena-messages.yml"])
+def test_plugin_settings_match_the_target(source: str, about: dict[str, Any]) -> None:
+    definition = _loader_definition() if source == "meltano.yml" else _hub_definition()
+    properties: dict[str, dict[str, Any]] = about["settings"]["properties"]
+    settings = {s["name"]: s for s in definition["settings"]}
+    assert set(settings) == set(properties) - set(NOT_OFFERED)
+    assert definition["capabilities"] == about["capabilities"]
+    for name, prop in properties.items():
+        if name in NOT_OFFERED:
+            continue
+        setting = settings[name]
+        assert setting["kind"] == _expected_kind(prop), name
+        # ledger_url may carry a database password: hidden in Meltano although not a secret.
+        secret = bool(prop.get("secret")) or name == "ledger_url"
+        assert bool(setting.get("sensitive")) == secret, name
+        assert setting.get("value") == prop.get("default"), name
+        if setting["kind"] == "options":
+            assert [o["value"] for o in setting["options"]] == prop["enum"], name
+        assert setting["env"] == f"TARGET_CATENA_MESSAGES_{name.upper()}", name
+        assert setting["description"], name
+
+
+def test_hub_definition_is_the_meltano_yml_plugin() -> None:
+    hub, loader = _hub_definition(), _loader_definition()
+    keys = (
+        "name",
+        "namespace",
+        "executable",
+        "capabilities",
+        "settings_group_validation",
+        "commands",
+    )
+    for key in keys:
+        assert hub[key] == loader[key], key
+    by_name = {s["name"]: s for s in loader["settings"]}
+    assert {s["name"]: s for s in hub["settings"]} == by_name
+    assert hub["pip_url"] == "target-catena-messages"
+    for key in ("variant", "label", "description", "repo", "domain_url", "maintenance_status"):
+        assert hub[key], key
+
+
+# -- the pipeline with real Meltano -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def meltano() -> Path:
+    return ensure_meltano()
+
+
+@pytest.fixture
+def tms(pg_url: str) -> Iterator[str]:
+    """The TMS database: the pg_url database with schema ``tms`` loaded fresh."""
+    sql = (REPO / "sample_data" / "tms_schema.sql").read_text(encoding="utf-8")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql)  # a trusted file: several statements, no parameters
+    yield pg_url
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS tms CASCADE")
+
+
+def _tap_url(pg_url: str) -> str:
+    # tap-postgres insists on a password in the URL; a trust-auth server ignores it.
+    url = make_url(pg_url)
+    return url.set(password=url.password or "unused").render_as_string(hide_password=False)
+
+
+def _outbox(pg_url: str) -> list[dict[str, Any]]:
+    with psycopg.connect(pg_url, row_factory=dict_row) as conn:
+        rows = conn.execute("SELECT * FROM tms.driver_message_outbox ORDER BY updated_at")
+        return list(rows)
+
+
+def _body(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The Catena body a TMS outbox row must become (the stream maps, written out by hand)."""
+    body = {
+        "connection_id": CONNECTIONS[row["fleet_code"]],
+        "fleet_ref": row["fleet_code"],
+        "source_sender_id": row["dispatcher_eld_id"],
+        "sender_group": "dispatcher",
+        "message_text": row["body"],
+        "priority": PRIORITY[row["priority_code"]],
+    }
+    if row["driver_id"]:
+        body |= {"mode": "direct", "source_recipient_ids": [row["driver_eld_id"]]}
+    else:
+        body |= {"mode": "group", "recipient_group": "driver"}
+    if row["provider_thread_id"]:
+        body["source_thread_id"] = row["provider_thread_id"]
+    if row["reply_to_provider_message_id"]:
+        body["source_reply_to_message_id"] = row["reply_to_provider_message_id"]
+    return body
+
+
+def _by_text(bodies: list[Any]) -> dict[str, dict[str, Any]]:
+    texts = {body["message_text"]: body for body in bodies}
+    assert len(texts) == len(bodies), "a message was sent twice"
+    return texts
+
+
+def _bookmark(state: Mapping[str, Any]) -> datetime:
+    value = state["singer_state"]["bookmarks"][STREAM]
+    assert value["replication_key"] == "updated_at"
+    return datetime.fromisoformat(value["replication_key_value"])
+
+
+def _operations(project: MeltanoProject, state: Mapping[str, Any]) -> dict[str, str]:
+    """Every accepted key's operation id, from the ledger (README: finding out what happened).
+
+    Meltano keeps only the target's last STATE line, whose ``operations`` list what resolved
+    since the line before it; the ledger has them all. The stored list must agree with it.
+    """
+    with sqlite3.connect(project.target_dir / "ledger.sqlite") as ledger:
+        rows = ledger.execute(
+            "SELECT key, operation_id FROM catena_message_ledger"
+            " WHERE namespace = ? AND status = 'accepted'",
+            (LEDGER_NAMESPACE,),
+        ).fetchall()
+    accepted = dict(rows)
+    for stream, key, op in state["singer_state"]["target_catena_messages"]["operations"]:
+        assert (stream, accepted.get(key)) == (STREAM, op), (key, op)
+    return accepted
+
+
+def _execute(pg_url: str, sql: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def _run(
+    project: MeltanoProject,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    exit_code: int = 0,
+) -> dict[str, Any]:
+    """``meltano ARGS``; the target's summary for the stream, after checking the exit codes."""
+    proc = project.run(*args, env=env)
+    output = proc.stdout + proc.stderr
+    if exit_code == 0:
+        require_success(proc, args)
+    else:
+        assert proc.returncode != 0, output  # Meltano fails the run when the loader does
+    assert CLIENT_SECRET not in output
+    (summary,) = summaries(output)
+    assert summary["exit_code"] == exit_code, output
+    stream: dict[str, Any] = summary["streams"][STREAM]
+    return stream
+
+
+@pytest.mark.meltano
+def test_meltano_yml_is_valid_meltano_4_and_the_hub_definition_loads(
+    meltano: Path, tmp_path: Path
+) -> None:
+    schema = json.loads(meltano_schema_path().read_text())
+    jsonschema.validate(load_meltano_yml(), schema)
+    project = make_project(tmp_path / "project", meltano, {})
+    listed = project.run("schedule", "list", "--format=json")
+    require_success(listed, ["schedule", "list"])
+    (schedule,) = json.loads(listed.stdout)["schedules"]["job"]
+    assert schedule["job"] == {"name": "tms-to-catena", "tasks": ["tap-tms target-catena-messages"]}
+
+    # `meltano add --from-ref` reads the Hub definition as the Hub would serve it.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "meltano.yml").write_text("default_environment: dev\nenvironments: [{name: dev}]\n")
+    fresh = MeltanoProject(empty, meltano, project.env)
+    hub_file = str(REPO / "target-catena-messages.yml")
+    added = fresh.run(
+        "add", "loader", "target-catena-messages", "--from-ref", hub_file, "--no-install"
+    )
+    require_success(added, ["add", "--from-ref"])
+    (loader,) = load_meltano_yml(empty / "meltano.yml")["plugins"]["loaders"]
+    assert {s["name"] for s in loader["settings"]} == {
+        s["name"] for s in _hub_definition()["settings"]
+    }
+
+
+NEW_ROWS = """
+INSERT INTO tms.dispatch_messages
+    (message_id, fleet_id, load_id, direction, driver_id, dispatcher_id, body, priority_code,
+     thread_root_id, in_reply_to_id, provider_message_id, provider_thread_id)
+VALUES
+    (90120, 3, 5004, 'inbound', 311, 301, 'Dock 3 is blocked by a yard truck.', 'NORM',
+     90012, 90013, 'pm-gch-5d77', 'pt-gch-3f02'),
+    (90121, 3, 5004, 'outbound', 311, 301, 'Use dock 5, the receiver knows you are coming.',
+     'HIGH', 90012, 90120, NULL, NULL),
+    (90122, 2, NULL, 'outbound', NULL, 201,
+     'Roanoke yard gate closes at 22:00 tonight for paving; park on Shenandoah Ave.', 'LOW',
+     NULL, NULL, NULL, NULL);
+-- A dispatcher edits a message the driver already has: the trigger moves updated_at.
+UPDATE tms.dispatch_messages SET body = body || ' Booked: Thursday 07:30.' WHERE message_id = 90011;
+"""
+
+# Three bad rows and a good one: a blank message (a UI bug in the TMS), one to a driver the
+# telematics provider has no account for yet (Nadia: no eld_driver_id; a dead letter, never a
+# broadcast) and one for a fleet just onboarded, whose Catena connection is not configured yet.
+BAD_ROWS = """
+INSERT INTO tms.fleets VALUES (4, 'NWX', 'Northwest Express LLC', 'Spokane, WA', '4410021');
+INSERT INTO tms.dispatchers VALUES (401, 4, 'Carl Jensen', 'cjensen@nwx.example', 'NWX-DSP-1');
+INSERT INTO tms.drivers VALUES (501, 4, 'N-501', 'Dana', 'Pryor', '501', 'NWX-501', 'active');
+INSERT INTO tms.dispatch_messages
+    (message_id, fleet_id, direction, driver_id, dispatcher_id, body, priority_code)
+VALUES (90140, 1, 'outbound', 1047, 101, '   ', 'NORM'),
+       (90141, 1, 'outbound', 1047, 101, 'Tom, fuel at the Lincoln terminal, not on the road.',
+        'NORM'),
+       (90142, 1, 'outbound', 1050, 102, 'Nadia, orientation ride-along Monday 06:00, gate 2.',
+        'NORM'),
+       (90143, 4, 'outbound', 501, 401, 'Welcome to NWX, Dana: first load Monday from Spokane.',
+        'NORM');
+"""
+NWX_CONNECTION = "d2b7c1a4-5e6f-4a8b-9c0d-1e2f3a4b5c6d"
+# Data fixes in the TMS: the message itself; the driver, then a touch of the message.
+FIXES = """
+UPDATE tms.dispatch_messages SET body = 'Tom, truck 1430 is booked at the shop Monday 07:00.'
+WHERE message_id = 90140;
+UPDATE tms.drivers SET eld_driver_id = 'PLF-D1050' WHERE driver_id = 1050;
+UPDATE tms.dispatch_messages SET body = body WHERE message_id = 90142;
+"""
+
+# A row migrated into the TMS with its old times: below every bookmark, so only a full refresh
+# reads it, and three days old, so the age guard must expire it instead of sending it.
+OLD_ROW = """
+INSERT INTO tms.dispatch_messages
+    (message_id, fleet_id, direction, driver_id, dispatcher_id, body, created_at, updated_at)
+VALUES (90130, 1, 'outbound', 1047, 101, 'Reminder: log your pre-trip inspection.',
+        now() - interval '3 days', now() - interval '3 days');
+"""
+
+
+def _first_run(project: MeltanoProject, tms: str, sandbox: Sandbox) -> dict[str, str]:
+    """Every outbound row, mapped as the stream maps say, exactly once; the bookmark stored."""
+    first = _run(project, "run", "tap-tms", "target-catena-messages")
+    rows = _outbox(tms)
+    assert len(rows) == 12
+    received = _by_text(sandbox.accepted_bodies())
+    assert received == {row["body"]: _body(row) for row in rows}
+    assert first["accepted"] == 12
+    # The cases the stream maps exist for, spelled out.
+    body = {row["message_id"]: received[row["body"]] for row in rows}
+    assert body[90005]["source_thread_id"] == "pt-plf-1b07"  # a reply to a driver's message
+    assert body[90005]["source_reply_to_message_id"] == "pm-plf-7f31c9"
+    assert body[90005]["priority"] == "high"
+    assert body[90007]["mode"] == "group"  # to every PLF driver
+    assert "source_recipient_ids" not in body[90007]
+    assert "source_thread_id" not in body[90013]  # a thread the dispatcher started: no provider id
+    assert body[90013]["connection_id"] == CONNECTIONS["GCH"]
+
+    state = project.state(STATE_ID)
+    assert _bookmark(state) == rows[-1]["updated_at"]
+    operations = _operations(project, state)
+    assert set(operations) == {str(row["message_id"]) for row in rows}
+    assert set(operations.values()) == {op["id"] for op in sandbox.operations()}
+    assert (project.target_dir / "ledger.sqlite").exists()  # under $MELTANO_PROJECT_ROOT
+    return operations
+
+
+def _incremental_run(
+    project: MeltanoProject, tms: str, sandbox: Sandbox, first_ops: Mapping[str, str]
+) -> None:
+    """New rows are sent; the re-read boundary row and an edited row are duplicates."""
+    boundary = str(_outbox(tms)[-1]["message_id"])
+    _execute(tms, NEW_ROWS)
+    second = _run(project, "run", "tms-to-catena")  # the job, as the schedule runs it
+    rows = _outbox(tms)
+    new = {row["message_id"]: _body(row) for row in rows if row["message_id"] in (90121, 90122)}
+    received = _by_text(sandbox.accepted_bodies())
+    assert len(received) == 14
+    assert [received[body["message_text"]] for body in new.values()] == list(new.values())
+    assert new[90121]["source_thread_id"] == "pt-gch-3f02"  # the driver's reply opened it
+    assert new[90121]["source_reply_to_message_id"] == "pm-gch-5d77"
+    assert (second["accepted"], second["duplicates"]) == (2, 2)  # duplicates: boundary, edited
+    state = project.state(STATE_ID)
+    assert _bookmark(state) == rows[-1]["updated_at"]
+    operations = _operations(project, state)
+    assert len(operations) == 14
+    assert operations[boundary] == first_ops[boundary]
+    assert operations["90011"] == first_ops["90011"]
+
+
+def _failed_run_and_redrive(project: MeltanoProject, tms: str, sandbox: Sandbox) -> None:
+    """Dead letters fail the run, Meltano keeps the safe state; both re-drives of the runbook."""
+    _execute(tms, BAD_ROWS)
+    failed = _run(project, "run", "tms-to-catena", exit_code=2)
+    assert (failed["accepted"], failed["dead_lettered"]) == (1, 3)
+    assert len(sandbox.accepted_bodies()) == 15
+    assert _bookmark(project.state(STATE_ID)) == _outbox(tms)[-1]["updated_at"]
+    letters = {letter["key"]: letter for letter in _dead_letters(project)}
+    assert sorted(letters) == ["90140", "90142", "90143"]
+    assert {letters[key]["stage"] for key in letters} == {"validation"}
+    assert letters["90140"]["errors"][0]["field"] == "message_text"
+    assert letters["90142"]["errors"][0]["field"].startswith("source_recipient_ids")
+    assert letters["90143"]["errors"][0]["field"] == "connection_id"
+    report = project.run("invoke", "target-catena-messages:ledger", "--json")
+    require_success(report, ["invoke", "target-catena-messages:ledger"])
+    assert json.loads(report.stdout)["counts"][LEDGER_NAMESPACE]["dead_lettered"] == 3
+
+    # A configuration cause: fix meltano.yml, re-drive the dead letter through Meltano.
+    fix = ("config", "set", "target-catena-messages", "connection_id_by_fleet_ref.NWX")
+    require_success(project.run(*fix, NWX_CONNECTION), fix)
+    redrive = project.run("invoke", "target-catena-messages:redrive", "--key", "90143")
+    require_success(redrive, ["invoke", "target-catena-messages:redrive"])
+    target = project.run(
+        "invoke",
+        "target-catena-messages",
+        env={"TARGET_CATENA_MESSAGES_STREAM_MAPS": "{}"},  # dead letters are mapped already
+        stdin=redrive.stdout,
+    )
+    require_success(target, ["invoke", "target-catena-messages"])
+    (summary,) = summaries(target.stderr)
+    assert summary["streams"][STREAM]["accepted"] == 1
+    dana = _by_text(sandbox.accepted_bodies())[
+        "Welcome to NWX, Dana: first load Monday from Spokane."
+    ]
+    assert dana["connection_id"] == NWX_CONNECTION
+
+    # Data causes: fix the rows in the TMS; the next run reads and sends them.
+    _execute(tms, FIXES)
+    redriven = _run(project, "run", "tms-to-catena")
+    assert (redriven["accepted"], redriven["duplicates"]) == (2, 2)  # the boundary rows
+    received = _by_text(sandbox.accepted_bodies())
+    assert len(received) == 18
+    nadia = received["Nadia, orientation ride-along Monday 06:00, gate 2."]
+    assert nadia["source_recipient_ids"] == ["PLF-D1050"]
+    assert "Tom, truck 1430 is booked at the shop Monday 07:00." in received
+
+
+def _full_refresh(project: MeltanoProject, tms: str, sandbox: Sandbox) -> None:
+    """As in the runbook: nothing resent; an old row never seen before is expired, not sent."""
+    _execute(tms, OLD_ROW)
+    third = _run(
+        project,
+        "run",
+        "--full-refresh",
+        "tms-to-catena",
+        env={"TARGET_CATENA_MESSAGES_ALLOW_DEAD_LETTERS": "true"},
+    )
+    assert len(sandbox.accepted_bodies()) == 18
+    assert (third["accepted"], third["duplicates"], third["expired"]) == (0, 18, 1)
+    assert [(d["key"], d["stage"]) for d in _dead_letters(project)][3:] == [("90130", "expired")]
+    assert _bookmark(project.state(STATE_ID)) == _outbox(tms)[-1]["updated_at"]
+
+
+def _dead_letters(project: MeltanoProject) -> list[dict[str, Any]]:
+    path = project.target_dir / "dead-letters.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.meltano
+@pytest.mark.postgres
+def test_tms_to_catena_with_meltano_tap_postgres_and_postgresql(
+    meltano: Path, tms: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    project = make_project(
+        tmp_path / "project",
+        meltano,
+        {
+            "TAP_TMS_SQLALCHEMY_URL": _tap_url(tms),
+            "TARGET_CATENA_MESSAGES_API_URL": sandbox.url,
+            "TARGET_CATENA_MESSAGES_AUTH_URL": (
+                f"{sandbox.url}/realms/catena/protocol/openid-connect/token"
+            ),
+            "TARGET_CATENA_MESSAGES_CLIENT_ID": "meltano-test",
+            "TARGET_CATENA_MESSAGES_CLIENT_SECRET": CLIENT_SECRET,
+        },
+    )
+    try:
+        require_success(project.run("install"), ["install"])
+        first_ops = _first_run(project, tms, sandbox)
+        _incremental_run(project, tms, sandbox, first_ops)
+        _failed_run_and_redrive(project, tms, sandbox)
+        _full_refresh(project, tms, sandbox)
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}\n(every Meltano command's output: {project.root / 'commands.log'})"
+        ) from exc
