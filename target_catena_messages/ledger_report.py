@@ -25,18 +25,12 @@ from typing import Any
 from singer_sdk.configuration._dict_config import parse_environment_config
 
 from target_catena_messages import jsonutil
-from target_catena_messages.catena.auth import (
-    ClientCredentialsTokenProvider,
-    StaticTokenProvider,
-    TokenProvider,
-)
-from target_catena_messages.catena.client import CatenaClient, make_session
 from target_catena_messages.confirm import confirm_ledger
+from target_catena_messages.connect import client_from_settings
 from target_catena_messages.dead_letters import read_dead_letters
 from target_catena_messages.errors import ConfigError, FatalError
 from target_catena_messages.ledger import Key, Ledger, new_run_id
 from target_catena_messages.redact import Redactor
-from target_catena_messages.run import RedactingTokens
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
 
 logger = logging.getLogger(__name__)
@@ -355,29 +349,6 @@ def _after(updated: datetime | None, at: str) -> bool:
         return False
 
 
-def client_from_settings(settings: Settings, redactor: Redactor) -> CatenaClient:
-    """A client like the target's: the same token flow, and every token masked in logs."""
-    session = make_session(settings.max_concurrency + 2)
-    tokens: TokenProvider
-    if settings.access_token:
-        tokens = StaticTokenProvider(settings.access_token)
-    else:
-        tokens = ClientCredentialsTokenProvider(
-            session,
-            settings.auth_url,
-            settings.client_id or "",
-            settings.client_secret or "",
-            scope=settings.scope,
-            timeout=settings.request_timeout_seconds,
-        )
-    return CatenaClient(
-        settings.api_url,
-        RedactingTokens(tokens, redactor),
-        session,
-        timeout=settings.request_timeout_seconds,
-    )
-
-
 # -- text -----------------------------------------------------------------------------------------
 
 
@@ -582,7 +553,7 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
             redactor.install()
             refreshed = confirm_ledger(
                 ledger,
-                client_from_settings(settings, redactor),
+                client_from_settings(settings, redactor)[0],
                 namespaces=filters.streams,
                 since=filters.since,
                 until=filters.until,

@@ -22,12 +22,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from target_catena_messages import jsonutil
-from target_catena_messages.catena.auth import (
-    ClientCredentialsTokenProvider,
-    StaticTokenProvider,
-    TokenProvider,
-)
-from target_catena_messages.catena.client import CatenaClient, make_session
+from target_catena_messages.catena.auth import TokenProvider
+from target_catena_messages.catena.client import CatenaClient
 from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.checkpoint import Checkpointer
 from target_catena_messages.confirm import (
@@ -38,6 +34,7 @@ from target_catena_messages.confirm import (
     summary_counts,
     summary_lines,
 )
+from target_catena_messages.connect import client_from_settings
 from target_catena_messages.dead_letters import DeadLetterWriter
 from target_catena_messages.delivery import Delivery
 from target_catena_messages.errors import FatalError
@@ -81,26 +78,6 @@ _ELSEWHERE_POLL = 2.0  # seconds between looks at keys another process is sendin
 
 class Interrupted(FatalError):
     """SIGTERM or SIGINT: stop taking records, finish what is in flight, write the safe STATE."""
-
-
-class RedactingTokens:
-    """A token provider that registers every token it hands out with the redactor."""
-
-    def __init__(self, inner: TokenProvider, redactor: Redactor) -> None:
-        self._inner = inner
-        self._redactor = redactor
-
-    def token(self) -> str:
-        """Return the current token (masked in logs from now on)."""
-        token = self._inner.token()
-        self._redactor.add(token)
-        return token
-
-    def refresh_after_failure(self, failed_token: str) -> str:
-        """Refresh after a 401/403 with ``failed_token``."""
-        token = self._inner.refresh_after_failure(failed_token)
-        self._redactor.add(token)
-        return token
 
 
 class Run:
@@ -177,26 +154,8 @@ class Run:
 
     def _make_delivery(self, redactor: Redactor) -> Delivery:
         s = self.settings
-        session = make_session(s.max_concurrency + 2)
-        inner: TokenProvider
-        if s.access_token:
-            inner = StaticTokenProvider(s.access_token)
-        else:
-            inner = ClientCredentialsTokenProvider(
-                session,
-                s.auth_url,
-                s.client_id or "",
-                s.client_secret or "",
-                scope=s.scope,
-                timeout=s.request_timeout_seconds,
-            )
-        self.tokens = inner
-        client = CatenaClient(
-            s.api_url,
-            RedactingTokens(inner, redactor),
-            session,
-            timeout=s.request_timeout_seconds,
-        )
+        client, tokens = client_from_settings(s, redactor)
+        self.tokens = tokens.inner
         if s.message_schema == "catena_ids":
             self._resolver = UserResolver(client)
         stop = threading.Event()

@@ -7,7 +7,6 @@ every mistake in one go instead of one per run.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import uuid
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 from singer_sdk import typing as th
 
 from target_catena_messages import jsonutil
+from target_catena_messages.catena.auth import is_loopback
 from target_catena_messages.errors import ConfigError
 
 DEFAULT_AUTH_URL = "https://auth.catenatelematics.com/realms/catena/protocol/openid-connect/token"
@@ -279,16 +279,6 @@ def _is_uuid(value: object) -> bool:
     except ValueError:
         return False
     return True
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost: the only hosts plain http may reach."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _url_problem(name: str, url: str) -> str | None:

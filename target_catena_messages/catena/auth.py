@@ -87,7 +87,7 @@ def require_safe_url(url: str, setting: str) -> str:
     host = (parts.host or "").strip("[]")
     if scheme == "https" and host:
         return url.rstrip("/")
-    if scheme == "http" and _is_loopback(host):
+    if scheme == "http" and is_loopback(host):
         return url.rstrip("/")
     raise ConfigError(
         f"{setting} must be an https:// URL (http:// only for 127.0.0.0/8, ::1 or localhost), "
@@ -95,7 +95,8 @@ def require_safe_url(url: str, setting: str) -> str:
     )
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: the only hosts plain http may reach."""
     if host.lower() == "localhost":
         return True
     try:
