@@ -36,6 +36,7 @@ class MessagesSink(BatchSink):
         self.run: Run = target.run
         # Off the SDK's batch context: singer-sdk logs the whole context at debug per record.
         self._messages: list[Message] = []
+        self._max_size = int(target.config.get("batch_size_rows") or DEFAULT_BATCH_ROWS)
         super().__init__(target, stream_name, schema, key_properties)
 
     def setup(self) -> None:
@@ -53,7 +54,7 @@ class MessagesSink(BatchSink):
 
         A property, not a class attribute: a class attribute would shadow ``batch_size_rows``.
         """
-        return int(self.config.get("batch_size_rows") or DEFAULT_BATCH_ROWS)
+        return self._max_size
 
     def get_validator(self) -> None:
         """No validation against the tap's schema: the body is validated against Catena's.
