@@ -58,6 +58,7 @@ class _Snapshot:
     since: datetime
     read_at: datetime
     by_text: dict[Any, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+    ids: set[str] = field(default_factory=set)
 
 
 class CatenaOperationLookup:
@@ -118,22 +119,34 @@ class CatenaOperationLookup:
         return None, len(found)
 
     def _snapshot(self, connection_id: str, since: datetime, settled: datetime) -> _Snapshot | None:
-        """A snapshot read after ``settled`` that reaches back to ``since`` (cached)."""
+        """A snapshot read after ``settled`` that reaches back to ``since`` (cached).
+
+        A fresher snapshot reads only what is new since the last read (minus the lag, when late
+        operations may still appear), so a long run with many ambiguous sends does not re-read
+        its whole window every time.
+        """
         with self._lock:
             snap = self._snapshots.get(connection_id)
             if snap is not None and snap.read_at >= settled and snap.since <= since:
                 return snap
-            since = min(since, snap.since) if snap is not None else since
             read_at = self._now()
-            operations = self._read(connection_id, since, read_at)
+            if snap is not None and snap.since <= since:
+                start = max(snap.since, snap.read_at - self._lag - _MARGIN)
+            else:
+                snap = _Snapshot(since=since, read_at=read_at)
+                start = since
+            operations = self._read(connection_id, start, read_at)
             if operations is None:
                 return None
-            snap = _Snapshot(since=since, read_at=read_at)
             for op in operations:
                 payload = op.get("payload")
-                if isinstance(payload, dict):
-                    text = payload.get("message_text")
-                    snap.by_text.setdefault(text, []).append((str(op["id"]), payload))
+                op_id = str(op.get("id"))
+                if isinstance(payload, dict) and op_id not in snap.ids:
+                    snap.ids.add(op_id)
+                    snap.by_text.setdefault(payload.get("message_text"), []).append(
+                        (op_id, payload)
+                    )
+            snap.read_at = read_at
             self._snapshots[connection_id] = snap
             return snap
 
