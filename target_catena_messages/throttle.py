@@ -83,7 +83,8 @@ class Throttle:
             if self._adaptive:
                 achieved = float(sum(1 for t in self._starts if t >= now - _WINDOW))
                 self._learned = max(1.0, achieved)
-                lowered = max(1.0, 0.9 * achieved)
+                # A window disturbed by an earlier pause undercounts: never cut by more than half.
+                lowered = max(1.0, 0.9 * achieved, 0.5 * (self._rate or 0.0))
                 if self._rate is None or lowered < self._rate:
                     self._rate = lowered
                 self._last_increase = until
