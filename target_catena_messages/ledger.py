@@ -468,20 +468,25 @@ class Ledger:
         self, *, namespace: str | None = None, status: str | None = None
     ) -> Iterator[dict[str, Any]]:
         """Matching rows in key order, fetched page by page (no transaction held between pages)."""
+        query = sa.select(TABLE)
+        if namespace is not None:
+            query = query.where(C.namespace == namespace)
+        if status is not None:
+            query = query.where(C.status == status)
+        return self._paged(query)
+
+    def _paged(self, query: sa.Select[Any]) -> Iterator[dict[str, Any]]:
+        """The rows of ``query`` in key order, one page at a time (keyset pagination)."""
         after: Key | None = None
         while True:
-            query = sa.select(TABLE).order_by(C.namespace, C.key).limit(_CHUNK)
-            if namespace is not None:
-                query = query.where(C.namespace == namespace)
-            if status is not None:
-                query = query.where(C.status == status)
+            page_query = query.order_by(C.namespace, C.key).limit(_CHUNK)
             if after is not None:
-                query = query.where(
+                page_query = page_query.where(
                     sa.or_(
                         C.namespace > after[0], sa.and_(C.namespace == after[0], C.key > after[1])
                     )
                 )
-            page = self._fetch(query)
+            page = self._fetch(page_query)
             yield from page
             if len(page) < _CHUNK:
                 return
@@ -568,26 +573,12 @@ class Ledger:
         Without ``settled``, accepted keys that Catena did not report as pending or failed are
         left out: they are the bulk of any ledger and need nobody's attention.
         """
-        after: Key | None = None
-        while True:
-            query = _report_filter(
-                sa.select(TABLE).order_by(C.namespace, C.key).limit(_CHUNK), namespace, since, until
+        query = _report_filter(sa.select(TABLE), namespace, since, until)
+        if not settled:
+            query = query.where(
+                sa.or_(C.status != ACCEPTED, C.confirmed_status.in_(("pending", "failed")))
             )
-            if not settled:
-                query = query.where(
-                    sa.or_(C.status != ACCEPTED, C.confirmed_status.in_(("pending", "failed")))
-                )
-            if after is not None:
-                query = query.where(
-                    sa.or_(
-                        C.namespace > after[0], sa.and_(C.namespace == after[0], C.key > after[1])
-                    )
-                )
-            page = self._fetch(query)
-            yield from page
-            if len(page) < _CHUNK:
-                return
-            after = (page[-1]["namespace"], page[-1]["key"])
+        return self._paged(query)
 
     def rearm_dead_letters(
         self, keys: Sequence[Key], *, now: datetime | None = None
