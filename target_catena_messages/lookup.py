@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 _MARGIN = timedelta(minutes=2)  # clock skew between us and Catena, and claim-to-send delay
 _LIST_ATTEMPTS = 4
+# A refresh re-reads this much before the last read, beyond the lag: operations still appearing.
+# (Not the 2-minute _MARGIN: re-reading minutes of a busy connection on every refresh was what made
+# a 200k-record soak crawl.)
+_REFRESH_OVERLAP = timedelta(seconds=10)
 
 
 def matches(payload: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
@@ -131,7 +135,7 @@ class CatenaOperationLookup:
                 return snap
             read_at = self._now()
             if snap is not None and snap.since <= since:
-                start = max(snap.since, snap.read_at - self._lag - _MARGIN)
+                start = max(snap.since, snap.read_at - self._lag - _REFRESH_OVERLAP)
             else:
                 snap = _Snapshot(since=since, read_at=read_at)
                 start = since
