@@ -511,7 +511,8 @@ class Run:
                 self._unresolved -= sum(1 for o in batch if o.resolution.resolves)
                 self._resolved.notify_all()
         if followups:
-            self._dispatch_followups(followups)
+            # Later copies of a key whose first copy was dead-lettered: decide them afresh.
+            self._dispatch(followups)
 
     def _settle(self, o: Outcome) -> list[Message]:
         """Resolve in the checkpointer and report; return later copies of the key to redo."""
@@ -533,10 +534,6 @@ class Run:
                 self._outcomes.put(Outcome(copy, Resolution.DUPLICATE, operation_id=o.operation_id))
             return []
         return later
-
-    def _dispatch_followups(self, messages: list[Message]) -> None:
-        """Later copies of a key whose first copy was dead-lettered: decide them afresh."""
-        self._dispatch(messages)
 
     def _renew_leases(self, now: float) -> None:
         """Heartbeat: claims waiting in a lane must not expire and be taken by another process."""
@@ -641,12 +638,11 @@ class Run:
             if line is not None:
                 self._emit(line)
         self.dead_letters.close()
-        totals = self.report
         exit_code = 1 if fatal is not None or self._recorder_error is not None else 0
         failed_at_catena = bool(self._confirmation and self._confirmation["failed"])
         if (
             exit_code == 0
-            and (totals.has_failures() or failed_at_catena)
+            and (self.report.has_failures() or failed_at_catena)
             and not self.settings.allow_dead_letters
         ):
             exit_code = 2
