@@ -23,6 +23,7 @@ from target_catena_messages.sandbox.config import SandboxConfig, User, is_uuid
 from target_catena_messages.sandbox.pages import CursorError, paginate
 from target_catena_messages.sandbox.pipeline import Context, FaultPipeline
 from target_catena_messages.sandbox.schemas import detail, known_fields, validate_body
+from target_catena_messages.sandbox.store import Operation
 
 log = logging.getLogger(__name__)
 
@@ -282,15 +283,18 @@ class CatenaApi(FaultPipeline):
             if details:
                 return r.unprocessable(details)
             self.settle(ctx.rt)
-            visible_before = self.store.clock.now() - ctx.rt.config.list_lag_seconds
+            visible_before = clock.now() - ctx.rt.config.list_lag_seconds
+            # A millisecond of slack around the window; the exact test is on the rendered time.
+            window = self.store.operations_between(
+                clock.mono(filters.start) - 1e-3,
+                min(clock.mono(filters.end) + 1e-3, visible_before),
+            )
             items = [
                 op
-                for op in self.store.operations(visible_before)
-                if q.operation_matches(op, filters, self.store.clock.wall(op["_created"]))
+                for op in window
+                if q.operation_matches(_filterable(op), filters, clock.wall(op.created))
             ]
-            keys = [op.pop("_seq") for op in items]
-            for op in items:
-                op.pop("_created")
+            keys = [op.seq for op in items]
             try:
                 page = paginate(items, keys, query.get("cursor"), size)
             except CursorError:
@@ -298,7 +302,7 @@ class CatenaApi(FaultPipeline):
                 return r.unprocessable(
                     [detail("query.cursor", bad, "Invalid cursor", "value_error")]
                 )
-            return r.json_response(200, page.as_dict())
+            return r.json_response(200, {**page.as_dict(), "items": self.store.reads(page.items)})
 
         response, _ = await self.apply(request, ctx, process)
         return response
@@ -370,3 +374,15 @@ def _normalise(body: dict[str, Any], schema: str, users: dict[str, User]) -> dic
 def _fleet_ref(body: dict[str, Any], users: dict[str, User]) -> str | None:
     user = users.get(body.get("recipient_id") or "") or users.get(body.get("sender_id") or "")
     return None if user is None else user.fleet_ref
+
+
+def _filterable(op: Operation) -> dict[str, Any]:
+    """The fields of an operation the LIST filters look at, without rendering all of it."""
+    return {
+        "connection_id": op.connection_id,
+        "resource": "message",
+        "operation_type": "create",
+        "source_name": op.source_name,
+        "source_id": op.source_id,
+        "fleet_ref": op.fleet_ref,
+    }

@@ -165,7 +165,7 @@ def operation_filters(query: Any, now: datetime, details: Details) -> OperationF
 
 
 def operation_matches(op: dict[str, Any], f: OperationFilters, created: datetime) -> bool:
-    """Whether an operation (ResourceOperationRead) passes the filters."""
+    """Whether an operation (ResourceOperationRead fields) passes the filters."""
     return (
         f.start <= created <= f.end
         and (f.connection_id is None or op["connection_id"] == f.connection_id)

@@ -304,10 +304,7 @@ class Sandbox:
         """Every operation as ResourceOperationRead, oldest first (due completions applied)."""
         ops = self.api.runtime.config.operations
         self.store.settle(ops.complete_after_seconds, ops.error_type, ops.error_details)
-        items = self.store.operations()
-        for item in items:
-            del item["_seq"], item["_created"]
-        return items
+        return self.store.operations()
 
     def complete_operations(
         self,

@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 import uuid
+from bisect import bisect_left, bisect_right
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +37,10 @@ class Clock:
     def wall(self, mono: float) -> datetime:
         """The UTC datetime of a monotonic instant."""
         return datetime.fromtimestamp(self._wall0 + mono - self._mono0, timezone.utc)
+
+    def mono(self, wall: datetime) -> float:
+        """The monotonic instant of a UTC datetime (inverse of ``wall``)."""
+        return wall.timestamp() - self._wall0 + self._mono0
 
     def iso(self, mono: float) -> str:
         """ISO 8601 UTC text of a monotonic instant, as Catena writes it."""
@@ -180,6 +185,10 @@ def make_token(client_id: str, issued_wall: float, lifetime: int) -> str:
     }
     parts = (jsonutil.dumps(header).encode(), jsonutil.dumps(claims).encode())
     return ".".join([*(b64(p) for p in parts), b64(secrets.token_bytes(32))])
+
+
+def _created(op: Operation) -> float:
+    return op.created
 
 
 class Store:
@@ -369,17 +378,28 @@ class Store:
             op = self._ops.get(operation_id)
             return None if op is None else {**op.as_read(self.clock), "_seq": op.seq}
 
-    def operations(self, visible_before: float | None = None) -> list[dict[str, Any]]:
-        """ResourceOperationRead of every operation created before ``visible_before`` (monotonic).
+    def operations(self) -> list[dict[str, Any]]:
+        """ResourceOperationRead of every operation, oldest first."""
+        with self._lock:
+            return [op.as_read(self.clock) for op in self._ops_order]
 
-        Each carries its ordering key as ``_seq`` (callers drop it before answering).
+    def operations_between(self, start: float, end: float) -> list[Operation]:
+        """Operations created within ``start..end`` (monotonic), oldest first.
+
+        A bisection, not a scan: the LIST endpoint is asked for a few seconds of a run that may
+        have stored a million operations, and must not cost the whole history per page.
+        Callers render the ones they answer with through ``reads``.
         """
         with self._lock:
-            return [
-                {**op.as_read(self.clock), "_seq": op.seq, "_created": op.created}
-                for op in self._ops_order
-                if visible_before is None or op.created <= visible_before
-            ]
+            ops = self._ops_order
+            lo = bisect_left(ops, start, key=_created)
+            hi = bisect_right(ops, end, lo=lo, key=_created)
+            return ops[lo:hi]
+
+    def reads(self, ops: list[Operation]) -> list[dict[str, Any]]:
+        """ResourceOperationRead of each operation, rendered under the lock."""
+        with self._lock:
+            return [op.as_read(self.clock) for op in ops]
 
     # -- stats ----------------------------------------------------------------------------
 
