@@ -14,31 +14,37 @@ delivery resend within ``max_ambiguous_resends``.
 The list lags: a new operation appears only after a while. So a lookup first waits until the lag
 has passed since our last attempt (for claims left by a dead process: since this run started), then
 reads the list once per connection and window. After a crash hundreds of keys may need a lookup;
-they share one wait and one snapshot, indexed by message text, instead of one scan each.
+they share one wait and one snapshot of operation ids, indexed by message text, instead of one scan
+each; the payloads of the few operations with the right text are then fetched by id.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from target_catena_messages.catena.client import CatenaClient
+from target_catena_messages.catena.client import CatenaClient, Failure
 from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.ledger import Ledger
 from target_catena_messages.outcome import Message
 
 logger = logging.getLogger(__name__)
 
-_MARGIN = timedelta(minutes=2)  # clock skew between us and Catena, and claim-to-send delay
+# Clock skew between us and Catena: an operation's created_at is never before our send (or the
+# claim a dead run made before sending) by more than this. Every operation of the window is held
+# in memory while a lookup needs it, so the window is kept as narrow as safety allows.
+_MARGIN = timedelta(seconds=30)
 _LIST_ATTEMPTS = 4
+_UNREADABLE = object()
 # A refresh re-reads this much before the last read, beyond the lag: operations still appearing.
-# (Not the 2-minute _MARGIN: re-reading minutes of a busy connection on every refresh was what made
-# a 200k-record soak crawl.)
 _REFRESH_OVERLAP = timedelta(seconds=10)
+# A refresh is shared (waits up to ``_refresh_every``) only once re-reading has become costly.
+_CHEAP_READ = 1000
 
 
 def matches(payload: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
@@ -57,16 +63,66 @@ def matches(payload: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
 
 @dataclass
 class _Snapshot:
-    """Operations of one connection from ``since`` up to ``read_at``, indexed by message text."""
+    """Ids of the operations of one connection created from ``since``, read at ``read_at``.
+
+    Only ids, indexed by a hash of the message text: a payload per operation was most of a long
+    run's memory (~1.3 KB each, tens of thousands in a window), while a lookup needs the payload
+    of the one or two operations whose text it is looking for, fetched by id. ``order`` lets
+    ``prune`` drop the oldest first.
+    """
 
     since: datetime
     read_at: datetime
-    by_text: dict[Any, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
-    ids: set[str] = field(default_factory=set)
+    by_text: dict[int, list[str]] = field(default_factory=dict)
+    order: deque[tuple[float, int, str]] = field(default_factory=deque)
+    last_read: int = 0  # operations the last read returned: what a refresh now would cost
+
+    def add(self, op: Mapping[str, Any], read_at: datetime) -> None:
+        payload = op.get("payload")
+        if not isinstance(payload, dict):
+            return
+        op_id = str(op.get("id"))
+        key = text_key(payload.get("message_text"))
+        ids = self.by_text.setdefault(key, [])
+        if op_id not in ids:  # a refresh re-reads its overlap
+            ids.append(op_id)
+            self.order.append((_created_at(op, read_at), key, op_id))
+
+    def prune(self, before: datetime) -> None:
+        """Forget operations created before ``before``: no lookup in progress reaches back there."""
+        if before <= self.since:
+            return
+        cut = before.timestamp()
+        while self.order and self.order[0][0] < cut:
+            _, key, op_id = self.order.popleft()
+            ids = self.by_text.get(key, [])
+            if op_id in ids:
+                ids.remove(op_id)
+            if not ids:
+                self.by_text.pop(key, None)
+        self.since = before
+
+
+def text_key(text: Any) -> int:
+    """The index key of a message text (collisions only cost a fetch: payloads are compared)."""
+    return hash(text if isinstance(text, str) else repr(text))
+
+
+def _created_at(op: Mapping[str, Any], default: datetime) -> float:
+    try:
+        return datetime.fromisoformat(str(op["created_at"])).timestamp()
+    except (KeyError, ValueError):
+        return default.timestamp()  # unknown: kept as long as the newest
 
 
 class CatenaOperationLookup:
-    """Finds an earlier operation for an ambiguous message through the LIST endpoint."""
+    """Finds an earlier operation for an ambiguous message through the LIST endpoint.
+
+    Memory and list reads stay bounded on a long run with many ambiguous sends: a snapshot holds
+    only the ids lookups in progress reach back to, and once a refresh costs more than a page it
+    happens at most every half of (lag + overlap), so each operation is read about three times
+    however many lookups there are.
+    """
 
     def __init__(
         self,
@@ -80,11 +136,13 @@ class CatenaOperationLookup:
         self._client = client
         self._ledger = ledger
         self._lag = timedelta(seconds=lag_seconds)
+        self._refresh_every = (self._lag + _REFRESH_OVERLAP) / 2
         self._stop = stop
         self._now = now
         self._started = now()
         self._lock = threading.Lock()
         self._snapshots: dict[str, _Snapshot] = {}
+        self._active: list[datetime] = []  # the ``since`` of every lookup in progress
         self.list_requests = 0
 
     def find(self, message: Message) -> tuple[str | None, int]:
@@ -98,20 +156,30 @@ class CatenaOperationLookup:
             return None, 0
         since = (message.prior_claimed_at or message.first_sent_at or self._started) - _MARGIN
         settled = (message.last_sent_at or self._started) + self._lag
-        wait = (settled - self._now()).total_seconds()
-        if wait > 0 and self._stop.wait(wait):
+        with self._lock:
+            self._active.append(since)
+        try:
+            wait = (settled - self._now()).total_seconds()
+            if wait > 0 and self._stop.wait(wait):
+                return None, -1
+            candidates = self._candidates(
+                connection_id, since, settled, text_key(message.body.get("message_text"))
+            )
+        finally:
+            with self._lock:
+                self._active.remove(since)
+        if candidates is None:
             return None, -1
-        snapshot = self._snapshot(connection_id, since, settled)
-        if snapshot is None:
-            return None, -1
-        found = [
-            op_id
-            for op_id, payload in snapshot.by_text.get(message.body.get("message_text"), [])
-            if matches(payload, message.body)
-        ]
-        if found:
-            taken = self._ledger.operation_ids_in_use(found)
-            found = [op_id for op_id in found if op_id not in taken]
+        if candidates:
+            taken = self._ledger.operation_ids_in_use(candidates)
+            candidates = [op_id for op_id in candidates if op_id not in taken]
+        found = []
+        for op_id in candidates:
+            payload = self._payload(connection_id, op_id)
+            if payload is _UNREADABLE:
+                return None, -1
+            if isinstance(payload, dict) and matches(payload, message.body):
+                found.append(op_id)
         if len(found) == 1:
             logger.info(
                 "adopted operation %s for %s/%s after an ambiguous send",
@@ -122,55 +190,78 @@ class CatenaOperationLookup:
             return found[0], 1
         return None, len(found)
 
-    def _snapshot(self, connection_id: str, since: datetime, settled: datetime) -> _Snapshot | None:
-        """A snapshot read after ``settled`` that reaches back to ``since`` (cached).
+    def _candidates(
+        self, connection_id: str, since: datetime, settled: datetime, key: int
+    ) -> list[str] | None:
+        """Ids of operations with this text key, from a snapshot read after ``settled``.
 
-        A fresher snapshot reads only what is new since the last read (minus the lag, when late
-        operations may still appear), so a long run with many ambiguous sends does not re-read
-        its whole window every time.
+        A fresher snapshot reads only what is new since the last read (minus the lag and an
+        overlap, when late operations may still appear). On a busy connection, where that is
+        more than a page, not sooner than ``_refresh_every`` after the last read: lookups arriving
+        meanwhile wait and share the next read.
         """
-        with self._lock:
-            snap = self._snapshots.get(connection_id)
-            if snap is not None and snap.read_at >= settled and snap.since <= since:
-                return snap
-            read_at = self._now()
-            if snap is not None and snap.since <= since:
-                start = max(snap.since, snap.read_at - self._lag - _REFRESH_OVERLAP)
-            else:
-                snap = _Snapshot(since=since, read_at=read_at)
-                start = since
-            operations = self._read(connection_id, start, read_at)
-            if operations is None:
+        while True:
+            with self._lock:
+                snap = self._snapshots.get(connection_id)
+                covers = snap is not None and snap.since <= since
+                if snap is not None and covers and snap.read_at >= settled:
+                    return list(snap.by_text.get(key, ()))
+                now = self._now()
+                if snap is not None and covers:
+                    wait = (snap.read_at + self._refresh_every - now).total_seconds()
+                    if wait <= 0 or snap.last_read < _CHEAP_READ:
+                        start = max(snap.since, snap.read_at - self._lag - _REFRESH_OVERLAP)
+                        if not self._refresh(connection_id, snap, start, now):
+                            return None
+                        continue
+                else:
+                    snap = _Snapshot(since=since, read_at=now)
+                    if not self._refresh(connection_id, snap, since, now):
+                        return None
+                    self._snapshots[connection_id] = snap
+                    continue
+            if self._stop.wait(wait):
                 return None
-            for op in operations:
-                payload = op.get("payload")
-                op_id = str(op.get("id"))
-                if isinstance(payload, dict) and op_id not in snap.ids:
-                    snap.ids.add(op_id)
-                    snap.by_text.setdefault(payload.get("message_text"), []).append(
-                        (op_id, payload)
-                    )
-            snap.read_at = read_at
-            self._snapshots[connection_id] = snap
-            return snap
 
-    def _read(
-        self, connection_id: str, since: datetime, until: datetime
-    ) -> list[dict[str, Any]] | None:
+    def _refresh(self, connection_id: str, snap: _Snapshot, start: datetime, now: datetime) -> bool:
+        """Read ``start..now`` into ``snap``, then drop what no lookup in progress needs.
+
+        Page by page: a whole window as a list of operation dicts (with logs) would be the
+        run's memory peak. A retried read re-adds nothing (``add`` skips known ids), and a
+        failed one leaves ``read_at`` as it was, so the next refresh starts from the same point.
+        """
         for attempt in range(_LIST_ATTEMPTS):
             self.list_requests += 1
+            snap.last_read = 0
             try:
-                return list(
-                    self._client.list_operations(
-                        connection_id,
-                        from_datetime=since,
-                        to_datetime=until + timedelta(seconds=5),
-                    )
-                )
+                for op in self._client.list_operations(
+                    connection_id, from_datetime=start, to_datetime=now + timedelta(seconds=5)
+                ):
+                    snap.add(op, now)
+                    snap.last_read += 1
             except CatenaApiError as exc:
                 logger.warning("reading Catena's operation list failed: %s", exc)
                 if attempt + 1 == _LIST_ATTEMPTS or self._stop.wait(
                     exc.retry_after or 2.0 * (attempt + 1)
                 ):
-                    return None
-        return None
+                    return False
+                continue
+            snap.read_at = now
+            snap.prune(min(self._active, default=snap.since))
+            return True
+        return False
+
+    def _payload(self, connection_id: str, operation_id: str) -> object:
+        """The stored payload of one operation; None if it is gone; ``_UNREADABLE`` on failure."""
+        for attempt in range(_LIST_ATTEMPTS):
+            answer = self._client.get_operation(connection_id, operation_id)
+            if not isinstance(answer, Failure):
+                return answer.get("payload")
+            if answer.status == 404:
+                return None
+            logger.warning("reading Catena's operation %s failed: %s", operation_id, answer.message)
+            if attempt + 1 == _LIST_ATTEMPTS or self._stop.wait(
+                answer.retry_after or 2.0 * (attempt + 1)
+            ):
+                break
+        return _UNREADABLE
