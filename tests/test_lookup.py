@@ -43,7 +43,8 @@ def test_snapshot_skips_known_ids_and_prunes_the_oldest() -> None:
     assert snap.by_text == {text_key("dock 4"): ["b"], text_key("gate"): ["c"]}
     assert snap.since == T0 + timedelta(seconds=2)
     snap.prune(T0 + timedelta(seconds=4))
-    assert snap.by_text == {} and not snap.order
+    assert snap.by_text == {}
+    assert not snap.order
     snap.prune(T0)  # never back: what was dropped is not there any more
     assert snap.since == T0 + timedelta(seconds=4)
 
@@ -80,9 +81,7 @@ def _message(body: dict[str, Any], sent_at: datetime) -> Message:
 
 def _lookup(client: CatenaClient, tmp_path: Path, **kwargs: Any) -> CatenaOperationLookup:
     ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.sqlite'}", run_id="test/1/a")
-    return CatenaOperationLookup(
-        client, ledger, lag_seconds=0.05, stop=threading.Event(), **kwargs
-    )
+    return CatenaOperationLookup(client, ledger, lag_seconds=0.05, stop=threading.Event(), **kwargs)
 
 
 def test_adopts_only_the_operation_whose_payload_matches(
