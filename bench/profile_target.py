@@ -92,7 +92,7 @@ def profile(
     Returns the main thread's profile, the other threads' (None if there were none or the run
     did not finish), and the main thread's seconds until the input was read and drained.
     """
-    from target_catena_messages.target import TargetCatenaMessages  # noqa: PLC0415
+    from target_catena_messages.target import TargetCatenaMessages, tune_gc  # noqa: PLC0415
 
     class QuietTarget(TargetCatenaMessages):
         """STATE lines would mix with the report on stdout; the profile does not need them."""
@@ -108,6 +108,7 @@ def profile(
     main = cProfile.Profile()
     with _thread_profilers() as others:
         target = QuietTarget(config=config)
+        tune_gc()  # as the CLI does once the target is built
         with stream.open(encoding="utf-8") as source:
             started = time.perf_counter()
             main.enable()

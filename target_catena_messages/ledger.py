@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -76,17 +76,28 @@ class Decision(str, Enum):
     RECOVER = "recover"
 
 
-@dataclass(frozen=True)
-class ClaimRequest:
-    """One key to claim; ``fingerprint`` is the hex hash of the body and the settings shaping it."""
-
+class _ClaimFields(NamedTuple):
     namespace: str
     key: str
     fingerprint: str
     connection_id: str | None
 
-    def __post_init__(self) -> None:
-        _check_fingerprint(self.fingerprint)
+
+class ClaimRequest(_ClaimFields):
+    """One key to claim; ``fingerprint`` is the hex hash of the body and the settings shaping it.
+
+    Immutable and checked like the other ledger values, but a named tuple rather than a frozen
+    dataclass: the run builds one per record, and a frozen dataclass costs twice as much.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls, namespace: str, key: str, fingerprint: str, connection_id: str | None
+    ) -> ClaimRequest:
+        """Build a request; a fingerprint that is not a hex digest is refused (ValueError)."""
+        _check_fingerprint(fingerprint)
+        return tuple.__new__(cls, (namespace, key, fingerprint, connection_id))
 
 
 @dataclass(frozen=True)
@@ -254,7 +265,7 @@ def _decide(
 ) -> ClaimResult:
     """The claim decision for one existing row (pure; shared by claim and peek)."""
     if row is None:
-        return ClaimResult(Decision.SEND)
+        return _SEND  # a new key, the usual case: one immutable result shared by all
     if row["status"] == ACCEPTED:
         return ClaimResult(Decision.DUPLICATE, operation_id=row["operation_id"])
     if row["status"] == DEAD_LETTERED:
@@ -286,6 +297,9 @@ def _decide(
         prior_claimed_at=row["ambiguous_since"] or row["claimed_at"],
         prior_run_id=row["run_id"],
     )
+
+
+_SEND = ClaimResult(Decision.SEND)
 
 
 def _utc(now: datetime | None) -> datetime:
@@ -404,6 +418,8 @@ class Ledger:
         by_key: dict[Key, ClaimRequest] = _unique_keys(requests)
         at = _utc(now)
         found = self._lookup(list(by_key))
+        if not found:  # all new (a dry run's usual batch): what _decide says for a missing row
+            return [_SEND] * len(requests)
         return [
             _decide(found.get((r.namespace, r.key)), r.fingerprint, self.run_id, at)
             for r in requests

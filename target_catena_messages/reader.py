@@ -6,7 +6,9 @@ message text in the logs is not what an operator needs. This one says which line
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from collections.abc import Callable
+from typing import IO, Any
 
 import msgspec
 from singer_sdk.contrib.msgspec import MsgSpecReader, decoder
@@ -19,6 +21,32 @@ class MessageReader(MsgSpecReader):
     def __init__(self) -> None:
         super().__init__()
         self.line_number = 0
+
+    def process_lines(
+        self,
+        file_input: IO[str] | None,
+        callbacks: dict[str, Callable[[dict[str, Any]], None]],
+    ) -> Counter[str]:
+        """singer-sdk's loop, with the per-line checks folded into one place.
+
+        The same steps and errors as ``GenericSingerReader.process_lines`` (decode, require
+        ``type``, call the callback or ``_process_unknown_message``, count by type), minus
+        two calls and a set per line: this loop runs once per record.
+        """
+        stats: dict[Any, int] = {}
+        deserialize = self.deserialize_json
+        for line in file_input or self.default_input:
+            self._current_message = line
+            line_dict = deserialize(line)
+            record_type: Any = line_dict.get("type")
+            if record_type is None and "type" not in line_dict:
+                self.assert_line_requires(line_dict, requires={"type"})  # raises, as the SDK
+            if callback := callbacks.get(record_type):
+                callback(line_dict)
+            else:
+                self._process_unknown_message(line_dict)
+            stats[record_type] = stats.get(record_type, 0) + 1
+        return Counter(stats)
 
     def deserialize_json(self, line: str) -> dict[str, Any]:
         """Decode one line; a malformed or truncated line is one clear error."""

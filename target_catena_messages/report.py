@@ -128,7 +128,9 @@ class RunReport:
         """
         if outcome not in _OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}")
-        counts = self._streams.setdefault(stream, StreamCounts())
+        counts = self._streams.get(stream)
+        if counts is None:  # not setdefault: that builds a StreamCounts per record, ~0.6 us
+            counts = self._streams[stream] = StreamCounts()
         if outcome == "accepted":
             counts.accepted += 1
         elif outcome == "duplicate":

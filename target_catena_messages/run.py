@@ -12,6 +12,7 @@ the dead letters, the checkpointer, the report and the delivery engine. Two thre
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import sys
@@ -108,6 +109,9 @@ class Run:
             settings.message_schema, allow_empty_message_text=settings.allow_empty_message_text
         )
         self._shape = settings.shape_fingerprint()
+        self._shape_tail = b"," + jsonutil.canonical(self._shape) + b"]"  # see _fingerprint
+        self._is_valid = self._validator.check_dict
+        self._namespace = settings.ledger_namespace
         self.ledger = Ledger.open(
             settings.ledger_url, run_id=self.run_id, read_only=settings.dry_run
         )
@@ -129,7 +133,7 @@ class Run:
         self._claimed: set[tuple[str, str]] = set()  # our live claims: their leases are renewed
         self._last_renewal = time.monotonic()
         self._last_elsewhere_poll = 0.0
-        self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
+        self._outcomes: queue.SimpleQueue[Outcome | _WouldSend | None] = queue.SimpleQueue()
         # One lock for the counter: prepare() adds under it, the recorder subtracts under it.
         self._resolved = threading.Condition(self._lock)
         self._unresolved = 0
@@ -185,7 +189,14 @@ class Run:
         record: dict[str, Any],
         namespace: str | None = None,
     ) -> Message:
-        """Turn one record into a Message: body, validation, key, age (pure but for numbering)."""
+        """Turn one record into a Message: body, validation, key, age (pure but for numbering).
+
+        The per-record path of every run (P1 in the bench), so it avoids work a run can skip:
+        a single str or int key is its own text (``record_key`` gives the same), the lane is
+        only computed when there is a delivery to order (a dry run has none), and the
+        fingerprint hashes the same canonical bytes as ``sha256_hex([body, shape])`` without
+        building the list.
+        """
         with self._lock:
             seq = self.checkpointer.next_seq()
             self._unresolved += 1
@@ -197,12 +208,14 @@ class Run:
             errors = []  # validated once the provider ids are resolved (per batch)
         else:
             unresolved = None
-            errors = [e.as_dict() for e in self._validator.errors(body)]
-        try:
-            key = record_key(record, key_properties) if key_properties else body_hash_key(body)
-        except ValueError as exc:
-            key = body_hash_key(body)
-            errors.append({"field": None, "message": str(exc)})
+            errors = [] if self._is_valid(body) else self._body_errors(body)
+        key = _simple_key(record, key_properties)
+        if key is None:
+            try:
+                key = record_key(record, key_properties) if key_properties else body_hash_key(body)
+            except ValueError as exc:
+                key = body_hash_key(body)
+                errors.append({"field": None, "message": str(exc)})
         expired = False
         field = self.settings.message_time_field
         if field:
@@ -218,16 +231,23 @@ class Run:
         return Message(
             seq=seq,
             stream=stream,
-            namespace=namespace or self.settings.ledger_namespace or stream,
+            namespace=namespace or self._namespace or stream,
             key=key,
             record=record,
             body=body,
-            fingerprint=jsonutil.sha256_hex([body, self._shape]),
-            lane=recipient_lane(body),
+            fingerprint=self._fingerprint(body),
+            lane=recipient_lane(body) if self.delivery is not None else "",
             errors=errors,
             expired=expired and not errors,
             unresolved=unresolved if not errors else None,
         )
+
+    def _body_errors(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        return [e.as_dict() for e in self._validator.errors(body)]
+
+    def _fingerprint(self, body: dict[str, Any]) -> str:
+        """``jsonutil.sha256_hex([body, shape])``, byte for byte, without the list."""
+        return hashlib.sha256(b"[" + jsonutil.canonical(body) + self._shape_tail).hexdigest()
 
     def dispatch(self, messages: Sequence[Message]) -> None:
         """One sink batch: decide each message with the ledger, send the new ones."""
@@ -242,23 +262,32 @@ class Run:
         self._wait_for_room()
 
     def _dispatch(self, messages: Sequence[Message]) -> None:
-        self._resolve_users([m for m in messages if m.unresolved is not None])
-        fresh: list[Message] = []
+        if self._resolve_ids:
+            self._resolve_users([m for m in messages if m.unresolved is not None])
+        invalid: list[Message] = []
+        sendable: list[Message] = []
         with self._lock:
+            pending = self._pending
             for m in messages:
-                waiting = self._pending.get((m.namespace, m.key))
+                key = (m.namespace, m.key)
+                waiting = pending.get(key)
                 if waiting is not None:  # an earlier copy of this key is still on its way
                     waiting.append(m)
                 else:
-                    self._pending[(m.namespace, m.key)] = []
-                    fresh.append(m)
-        invalid = [m for m in fresh if m.errors or m.expired]
-        sendable = [m for m in fresh if not (m.errors or m.expired)]
+                    pending[key] = []
+                    (invalid if m.errors or m.expired else sendable).append(m)
         for m, result in zip(invalid, self.ledger.peek(_claims(invalid)), strict=True):
             self._decide_invalid(m, result)
         claim = self.ledger.peek if self.settings.dry_run else self.ledger.claim
+        dry = self.delivery is None
+        would_send = _WouldSend()
         for m, result in zip(sendable, claim(_claims(sendable)), strict=True):
-            self._decide_sendable(m, result)
+            if dry and result.decision is Decision.SEND:  # _decide_sendable's dry-run case
+                would_send.append(m)
+            else:
+                self._decide_sendable(m, result)
+        if would_send:
+            self._outcomes.put(would_send)
 
     def _resolve_users(self, messages: list[Message]) -> None:
         """catena_ids: turn provider ids into Catena user ids, batched per connection."""
@@ -401,10 +430,10 @@ class Run:
     def _record_loop(self) -> None:
         done = False
         while not done:
-            batch, done = self._take_outcomes()
+            batch, would_send, done = self._take_outcomes()
             try:
-                if batch:
-                    self._commit(batch)
+                if batch or would_send:
+                    self._commit(batch, would_send)
                 self._after_commit(batch)
             except BaseException as exc:
                 logger.exception("recording outcomes failed")
@@ -413,21 +442,26 @@ class Run:
                     self.delivery.stop()
                 return
 
-    def _take_outcomes(self) -> tuple[list[Outcome], bool]:
+    def _take_outcomes(self) -> tuple[list[Outcome], list[Message], bool]:
         """Wait for outcomes, then gather more for a moment: one transaction for many.
 
-        Returns the batch and whether the end-of-run marker was seen.
+        Returns the outcomes, the dry run's would-send messages, and whether the end-of-run
+        marker was seen.
         """
         try:
             item = self._outcomes.get(timeout=0.2)
         except queue.Empty:
-            return [], False
+            return [], [], False
         batch: list[Outcome] = []
+        would_send: list[Message] = []
         deadline = time.monotonic() + _GATHER_SECONDS
         while item is not None:
-            batch.append(item)
-            if len(batch) >= _MAX_COMMIT:
-                return batch, False
+            if isinstance(item, _WouldSend):
+                would_send.extend(item)
+            else:
+                batch.append(item)
+            if len(batch) + len(would_send) >= _MAX_COMMIT:
+                return batch, would_send, False
             remaining = deadline - time.monotonic()
             try:
                 item = (
@@ -436,13 +470,15 @@ class Run:
                     else self._outcomes.get_nowait()
                 )
             except queue.Empty:
-                return batch, False
-        return batch, True
+                return batch, would_send, False
+        return batch, would_send, True
 
-    def _commit(self, batch: list[Outcome]) -> None:
+    def _commit(self, batch: list[Outcome], would_send: Sequence[Message] = ()) -> None:
         records: list[LedgerOutcome] = []
         released: list[tuple[str, str]] = []
         for o in batch:
+            if o.resolution in _NOTHING_TO_WRITE:  # the usual case in a dry run, and duplicates
+                continue
             m = o.message
             if o.resolution is Resolution.ABANDONED:
                 if not m.maybe_sent:
@@ -502,30 +538,46 @@ class Run:
             if released:
                 self.ledger.release(released)
         self.dead_letters.flush()
+        followups = self._settle_all(batch, would_send)
+        if followups:
+            # Later copies of a key whose first copy was dead-lettered (or, in a dry run, would
+            # be sent): decide them afresh.
+            self._dispatch(followups)
+
+    def _settle_all(self, batch: list[Outcome], would_send: Sequence[Message]) -> list[Message]:
+        """Settle a committed batch, wake the backpressure wait; return the copies to redo."""
         followups: list[Message] = []
         with self._lock:
+            settle = self._settle
             for o in batch:
-                followups.extend(self._settle(o))
-        if batch:
+                later = settle(o)
+                if later:
+                    followups.extend(later)
+            if would_send:
+                followups.extend(self._settle_would_send(would_send))
+        if batch or would_send:
             with self._resolved:
-                self._unresolved -= sum(1 for o in batch if o.resolution.resolves)
+                self._unresolved -= len(would_send) + sum(
+                    1 for o in batch if o.resolution is not _ABANDONED
+                )
                 self._resolved.notify_all()
-        if followups:
-            # Later copies of a key whose first copy was dead-lettered: decide them afresh.
-            self._dispatch(followups)
+        return followups
 
     def _settle(self, o: Outcome) -> list[Message]:
         """Resolve in the checkpointer and report; return later copies of the key to redo."""
         m = o.message
-        later = self._pending.pop((m.namespace, m.key), [])
-        self._claimed.discard((m.namespace, m.key))
-        if not o.resolution.resolves:
+        key = (m.namespace, m.key)
+        later = self._pending.pop(key, None) or []
+        self._claimed.discard(key)
+        resolution = o.resolution
+        if resolution is _ABANDONED:  # not ``.resolves``: a property call per record
             return []
-        self.report.count(m.stream, o.resolution.value, o.stage)
-        kind = _CHECKPOINT_KIND.get(o.resolution)
-        if kind is None:
+        # ``_value_``, not ``.value``: the same str, without the descriptor, once per record.
+        self.report.count(m.stream, resolution._value_, o.stage)
+        if resolution in _RESOLVED_SILENTLY:
             self.checkpointer.resolve_silently(m.seq)
         else:
+            kind = _CHECKPOINT_KIND[resolution]
             self.checkpointer.resolve(
                 m.seq, m.stream, m.key, kind, operation_id=o.operation_id, stage=o.stage
             )
@@ -534,6 +586,21 @@ class Run:
                 self._outcomes.put(Outcome(copy, Resolution.DUPLICATE, operation_id=o.operation_id))
             return []
         return later
+
+    def _settle_would_send(self, messages: Sequence[Message]) -> list[Message]:
+        """``_settle`` for a dry run's would-send messages, without an Outcome each."""
+        pending, claimed = self._pending, self._claimed
+        count, resolve = self.report.count, self.checkpointer.resolve_silently
+        redo: list[Message] = []
+        for m in messages:
+            key = (m.namespace, m.key)
+            later = pending.pop(key, None)
+            claimed.discard(key)
+            count(m.stream, _WOULD_SEND, None)
+            resolve(m.seq)
+            if later:
+                redo.extend(later)  # as _settle: later copies are decided afresh
+        return redo
 
     def _renew_leases(self, now: float) -> None:
         """Heartbeat: claims waiting in a lane must not expire and be taken by another process."""
@@ -675,6 +742,41 @@ _CHECKPOINT_KIND: Mapping[Resolution, Any] = {
     Resolution.DEAD_LETTERED: "dead_lettered",
     Resolution.EXPIRED: "expired",
 }
+# Per-outcome membership tests on the recorder's path; an Enum's ``__hash__`` is Python code,
+# so these are tuples (compared by identity first) rather than sets or dict keys.
+_NOTHING_TO_WRITE = (
+    Resolution.WOULD_SEND,
+    Resolution.DUPLICATE,
+    Resolution.PREVIOUSLY_DEAD_LETTERED,
+)
+_RESOLVED_SILENTLY = tuple(r for r in Resolution if r.resolves and r not in _CHECKPOINT_KIND)
+_ABANDONED = Resolution.ABANDONED
+_WOULD_SEND: str = Resolution.WOULD_SEND.value
+
+
+class _WouldSend(list[Message]):
+    """A dry run's new keys from one batch: one queue item and no Outcome per message.
+
+    Resolving them writes nothing (no ledger, no dead letter), so the recorder only has to
+    count them and resolve their numbers, which ``_settle_would_send`` does for the lot.
+    """
+
+
+def _simple_key(record: Mapping[str, Any], key_properties: Sequence[str]) -> str | None:
+    """The key of a record keyed by one str or int property (the usual case), else None.
+
+    Exactly what ``record_key`` returns for these (``str(value)``); anything else, a missing
+    or null value included, is left to ``record_key``.
+    """
+    if len(key_properties) != 1:
+        return None
+    value = record.get(key_properties[0])
+    kind = type(value)
+    if kind is str:
+        return value
+    if kind is int:
+        return str(value)
+    return None
 
 
 def _claims(messages: Sequence[Message]) -> list[ClaimRequest]:

@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import stat
 import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from target_catena_messages import jsonutil
+from target_catena_messages.message import record_key
+from target_catena_messages.redact import Redactor
+from target_catena_messages.run import Run
+from target_catena_messages.settings import Settings
 from tests.harness import TargetResult, run_target, sandbox_config, singer_lines
 
 CONN_A = "11111111-1111-4111-8111-111111111111"
@@ -315,3 +321,27 @@ def test_bad_settings_are_one_clear_line(tmp_path: Path) -> None:
     assert "http://" in result.stderr
     assert "loopback" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fingerprint_and_key_keep_their_formulas_on_the_fast_path(tmp_path: Path) -> None:
+    # Ledgers from earlier runs compare stored fingerprints, so the per-record shortcuts must
+    # produce exactly sha256_hex([body, shape]) and record_key's text, and a dry run's batch
+    # must still resolve every record (as would_send) through the recorder.
+    settings = Settings.from_config(
+        {
+            "dry_run": True,
+            "ledger_url": f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+            "dead_letter_path": str(tmp_path / "dead-letters.jsonl"),
+        }
+    )
+    lines: list[str] = []
+    run = Run(settings, write_state=lambda _: None, redactor=Redactor(), stderr=lines.append)
+    records = [message(7), message(8, id="k-8"), message(9, id=Decimal("9.5"))]
+    prepared = [run.prepare(STREAM, ["id"], r) for r in records]
+    for m, r in zip(prepared, records, strict=True):
+        assert m.fingerprint == jsonutil.sha256_hex([m.body, settings.shape_fingerprint()])
+        assert m.key == record_key(r, ["id"])
+    run.dispatch(prepared)
+    assert run.finish() == 0
+    summary = json.loads(lines[-1])["summary"]
+    assert summary["totals"]["would_send"] == 3
