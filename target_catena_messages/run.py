@@ -687,9 +687,17 @@ class Run:
         self.ledger.record_confirmations(ledger_updates(results))
         self._confirmation = summary_counts(results)
 
-    def abort(self, reason: BaseException) -> int:
-        """Fatal: send nothing new, let in-flight requests finish, write the safe STATE."""
+    def abort(self, reason: BaseException, *, drain: bool = False) -> int:
+        """Fatal: send nothing new, let in-flight requests finish, write the safe STATE.
+
+        ``drain``: the input failed, not the delivery: the batches already claimed are valid
+        and were read before the bad line, so they are delivered first (a signal still cuts
+        this short). Otherwise queued messages stay claimed for the next run.
+        """
+        self.critical = True  # a signal now stops delivery; it must not raise in here
         if self.delivery is not None:
+            if drain and not self.stop_requested and self.delivery.fatal is None:
+                self.delivery.wait_idle()
             self.delivery.stop()
             self.delivery.wait_idle(self.settings.request_timeout_seconds + 5)
         return self._close(fatal=reason)

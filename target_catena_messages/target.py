@@ -170,7 +170,7 @@ class TargetCatenaMessages(Target):
         except (FatalError, *_INPUT_ERRORS, ValueError) as exc:
             logger.error("%s", self._describe(exc))  # noqa: TRY400 - one line, no traceback
             logger.debug("details", exc_info=True)
-            return self.run.abort(exc)
+            return self.run.abort(exc, drain=not isinstance(exc, Interrupted))
         except Exception as exc:
             logger.error("unexpected error: %s: %s", type(exc).__name__, exc)  # noqa: TRY400
             logger.debug("details", exc_info=True)
