@@ -231,6 +231,24 @@ def test_poison_pill_is_dead_lettered_as_retryable_while_the_rest_flow(
     assert len(sandbox.accepted_bodies()) == 11
 
 
+def test_a_lane_in_backoff_gives_up_the_only_slot(tmp_path: Path, sandbox_factory: Any) -> None:
+    # One slot: while the failing message waits out its backoffs, another worker sends the rest,
+    # so their requests arrive between its attempts, not all after them.
+    sandbox = sandbox_factory(
+        plan({"kind": "status", "status": 503, "match": {"connection_id": CONN_B}})
+    )
+    recs = [dict(r, connection_id=CONN_A) for r in records(12, drivers=12)]
+    recs[0]["connection_id"] = CONN_B
+    result = run(tmp_path, sandbox, recs, max_retries=3, max_concurrency=1)
+    assert result.returncode == 2, result.stderr
+    statuses = [entry["status"] for entry in sandbox.received()]
+    assert statuses.count(503) == 4
+    assert statuses.count(202) == 11
+    last_attempt = max(i for i, status in enumerate(statuses) if status == 503)
+    assert 202 in statuses[:last_attempt], statuses
+    assert sandbox.stats()["peak_in_flight"] == 1
+
+
 def test_rejections_in_a_row_stop_the_run(tmp_path: Path, sandbox_factory: Any) -> None:
     sandbox = sandbox_factory(
         plan({"kind": "status", "status": 400, "match": {"connection_id": CONN_A}})

@@ -147,6 +147,7 @@ class CatenaClient:
         timeout: float = 30.0,
     ) -> None:
         self._api_url = require_safe_url(api_url, "api_url")
+        self._messages_url = f"{self._api_url}/v2/telematics/messages"
         self._tokens = tokens
         self._session = session
         self._timeout = timeout
@@ -164,7 +165,7 @@ class CatenaClient:
         result = self._send(
             "messages",
             "POST",
-            f"{self._api_url}/v2/telematics/messages",
+            self._messages_url,
             params=[("is_sync", "true")] if is_sync else None,
             data=jsonutil.dumps(body).encode(),
             is_sync=is_sync,
@@ -183,7 +184,8 @@ class CatenaClient:
                 None,
                 elapsed,
             )
-        operation = parsed if isinstance(parsed, dict) and set(parsed) - {"id"} else None
+        # The bare {"id"} answer of the source_ids body, or a whole ResourceOperation.
+        operation = parsed if isinstance(parsed, dict) and len(parsed) > 1 else None
         return Accepted(operation_id, status, operation, elapsed)
 
     def get_operation(self, connection_id: str, operation_id: str) -> dict[str, Any] | Failure:

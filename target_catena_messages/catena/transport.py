@@ -140,8 +140,14 @@ def _split(url: str) -> tuple[str, str, int, str]:
 
 def _check_headers(headers: Mapping[str, str]) -> None:
     for name, value in headers.items():
-        if not (value.isascii() and value.isprintable() and _HEADER_NAME.fullmatch(name)):
+        if not _sendable(name, value):
             raise RequestNotSendable(f"invalid header {name!r} (value not shown)")
+
+
+@lru_cache(maxsize=64)
+def _sendable(name: str, value: str) -> bool:
+    """Cached: the same few headers (one bearer token at a time) go out on every request."""
+    return bool(value.isascii() and value.isprintable() and _HEADER_NAME.fullmatch(name))
 
 
 def _proxy_for(scheme: str, host: str) -> str | None:
@@ -188,6 +194,8 @@ class HttpTransport:
             "Accept": "application/json",
         }
         _check_headers(self.headers)
+        self._lower = {name.lower() for name in self.headers}
+        self._timeouts: dict[float, urllib3.Timeout] = {}
         self._lock = threading.Lock()
         self._pools: dict[tuple[str, str, int], urllib3.HTTPConnectionPool] = {}
         self._managers: list[urllib3.ProxyManager] = []
@@ -246,12 +254,16 @@ class HttpTransport:
         merged = dict(self.headers)
         if headers:
             _check_headers(headers)
-            replaced = {name.lower() for name in headers}
-            merged = {k: v for k, v in merged.items() if k.lower() not in replaced}
+            if not self._lower.isdisjoint(name.lower() for name in headers):
+                replaced = {name.lower() for name in headers}
+                merged = {k: v for k, v in merged.items() if k.lower() not in replaced}
             merged.update(headers)
         if form is not None:
             body = urlencode(form).encode()
             merged["Content-Type"] = "application/x-www-form-urlencoded"
+        timeouts = self._timeouts.get(timeout)
+        if timeouts is None:  # one per value: urllib3 clones it per request anyway
+            timeouts = self._timeouts[timeout] = urllib3.Timeout(connect=timeout, read=timeout)
         answer = self._pool(scheme, host, port).urlopen(
             method,
             target,
@@ -260,7 +272,7 @@ class HttpTransport:
             retries=False,
             redirect=False,
             assert_same_host=False,
-            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            timeout=timeouts,
             pool_timeout=timeout,  # type: ignore[arg-type]  # typed int, a float works (queue.get)
             preload_content=True,
         )
