@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 _PLACEHOLDER_USER = "00000000-0000-4000-8000-000000000000"  # dry run: validate without lookups
 _GATHER_SECONDS = 0.05  # outcomes gathered into one ledger transaction (the crash window)
 _MAX_COMMIT = 2000
+_GATHER_ITEMS = 100  # queued items (outcomes, or dry-run batches) worth committing at once
 _STATE_EVERY = 60.0  # seconds: a line at least this often while records resolve
 _STATE_MIN_GAP = 1.0  # seconds: at most one line a second (Meltano stores every line)
 _ELSEWHERE_POLL = 2.0  # seconds between looks at keys another process is sending
@@ -454,7 +455,11 @@ class Run:
             return [], [], False
         batch: list[Outcome] = []
         would_send: list[Message] = []
-        deadline = time.monotonic() + _GATHER_SECONDS
+        if item is not None and self._outcomes.qsize() < _GATHER_ITEMS:
+            # Sleep through the gathering window, then take what came: a blocking get per item
+            # would wake this thread for every outcome (a thread switch per message, ~7 % of
+            # the target's CPU at 0 ms latency). Not when a backlog is already waiting.
+            time.sleep(_GATHER_SECONDS)
         while item is not None:
             if isinstance(item, _WouldSend):
                 would_send.extend(item)
@@ -462,13 +467,8 @@ class Run:
                 batch.append(item)
             if len(batch) + len(would_send) >= _MAX_COMMIT:
                 return batch, would_send, False
-            remaining = deadline - time.monotonic()
             try:
-                item = (
-                    self._outcomes.get(timeout=remaining)
-                    if remaining > 0
-                    else self._outcomes.get_nowait()
-                )
+                item = self._outcomes.get_nowait()
             except queue.Empty:
                 return batch, would_send, False
         return batch, would_send, True
