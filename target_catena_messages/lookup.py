@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from target_catena_messages.catena.client import CatenaClient, Failure
+from target_catena_messages.catena.client import CatenaClient, Failure, OperationSummary
 from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.ledger import Ledger
 from target_catena_messages.outcome import Message
@@ -77,16 +77,12 @@ class _Snapshot:
     order: deque[tuple[float, int, str]] = field(default_factory=deque)
     last_read: int = 0  # operations the last read returned: what a refresh now would cost
 
-    def add(self, op: Mapping[str, Any], read_at: datetime) -> None:
-        payload = op.get("payload")
-        if not isinstance(payload, dict):
-            return
-        op_id = str(op.get("id"))
-        key = text_key(payload.get("message_text"))
+    def add(self, op: OperationSummary, read_at: datetime) -> None:
+        key = text_key(op.message_text)
         ids = self.by_text.setdefault(key, [])
-        if op_id not in ids:  # a refresh re-reads its overlap
-            ids.append(op_id)
-            self.order.append((_created_at(op, read_at), key, op_id))
+        if op.id not in ids:  # a refresh re-reads its overlap
+            ids.append(op.id)
+            self.order.append((_created_at(op.created_at, read_at), key, op.id))
 
     def prune(self, before: datetime) -> None:
         """Forget operations created before ``before``: no lookup in progress reaches back there."""
@@ -108,10 +104,10 @@ def text_key(text: Any) -> int:
     return hash(text if isinstance(text, str) else repr(text))
 
 
-def _created_at(op: Mapping[str, Any], default: datetime) -> float:
+def _created_at(text: str | None, default: datetime) -> float:
     try:
-        return datetime.fromisoformat(str(op["created_at"])).timestamp()
-    except (KeyError, ValueError):
+        return datetime.fromisoformat(str(text)).timestamp()
+    except ValueError:
         return default.timestamp()  # unknown: kept as long as the newest
 
 
@@ -234,7 +230,7 @@ class CatenaOperationLookup:
             self.list_requests += 1
             snap.last_read = 0
             try:
-                for op in self._client.list_operations(
+                for op in self._client.list_operation_summaries(
                     connection_id, from_datetime=start, to_datetime=now + timedelta(seconds=5)
                 ):
                     snap.add(op, now)

@@ -604,6 +604,35 @@ def test_list_operations_follows_pages(kit_factory: Callable[..., Kit]) -> None:
     assert kit.client.stats.snapshot()["requests"]["operations"] == 3
 
 
+def test_list_operation_summaries_carry_id_time_and_text(kit_factory: Callable[..., Kit]) -> None:
+    kit = kit_factory()
+    for n in range(3):
+        assert isinstance(
+            kit.client.create_message(source_body(message_text=f"dock {n}")), Accepted
+        )
+    now = datetime.now(timezone.utc)
+    window = {"from_datetime": now - timedelta(hours=1), "to_datetime": now + timedelta(minutes=1)}
+    full = list(kit.client.list_operations(CONN, **window))
+    summaries = list(kit.client.list_operation_summaries(CONN, **window))
+    assert [(s.id, s.created_at, s.message_text) for s in summaries] == [
+        (op["id"], op["created_at"], op["payload"]["message_text"]) for op in full
+    ]
+    assert [s.message_text for s in summaries] == ["dock 0", "dock 1", "dock 2"]
+
+
+def test_list_operation_summaries_error_keeps_catena_error_body(
+    kit_factory: Callable[..., Kit],
+) -> None:
+    kit = kit_factory(
+        {"faults": faults({"kind": "status", "status": 503, "endpoint": "operations"})}
+    )
+    now = datetime.now(timezone.utc)
+    with pytest.raises(CatenaApiError) as info:
+        list(kit.client.list_operation_summaries(CONN, from_datetime=now, to_datetime=now))
+    assert (info.value.status, info.value.kind) == (503, FailureKind.SAFE)
+    assert info.value.api_error is not None
+
+
 def test_list_operations_refuses_naive_datetimes(kit_factory: Callable[..., Kit]) -> None:
     kit = kit_factory()
     with pytest.raises(ValueError, match="timezone"):

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from target_catena_messages.catena import (
@@ -19,6 +20,7 @@ from target_catena_messages.catena import (
     HttpTransport,
     make_session,
 )
+from target_catena_messages.catena.client import OperationSummary
 from target_catena_messages.ledger import Ledger
 from target_catena_messages.lookup import CatenaOperationLookup, _Snapshot, text_key
 from target_catena_messages.outcome import Message
@@ -27,9 +29,10 @@ from tests.test_catena_client import CLIENT_ID, CONN, SECRET, TOKEN_PATH, source
 T0 = datetime(2026, 11, 27, 4, 0, tzinfo=timezone.utc)
 
 
-def _op(op_id: str, text: str, seconds: float) -> dict[str, Any]:
+def _op(op_id: str, text: str, seconds: float) -> OperationSummary:
     created = (T0 + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
-    return {"id": op_id, "created_at": created, "payload": {"message_text": text}}
+    item = {"id": op_id, "created_at": created, "payload": {"message_text": text, "mode": "x"}}
+    return msgspec.convert(item, OperationSummary)
 
 
 def test_snapshot_skips_known_ids_and_prunes_the_oldest() -> None:

@@ -12,11 +12,13 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
+
+import msgspec
 
 from target_catena_messages import jsonutil
 from target_catena_messages.catena.auth import TokenProvider, require_safe_url
@@ -43,6 +45,35 @@ _AUTH_ROUNDS = 3  # retries after a 401/403 while other threads keep refreshing
 MAX_IDS_PER_REQUEST = 100
 #: Largest page size Catena's list endpoints accept.
 MAX_PAGE_SIZE = 1000
+
+
+class _PayloadText(msgspec.Struct):
+    message_text: Any = None
+
+
+class OperationSummary(msgspec.Struct, frozen=True):
+    """What the operation lookup needs of a listed operation: id, creation time, message text.
+
+    Decoded straight from the page, skipping payloads and logs: a busy connection's list is read
+    again and again, and full dicts of every operation were most of that cost (and garbage).
+    """
+
+    id: str
+    created_at: str | None = None
+    payload: _PayloadText | None = None
+
+    @property
+    def message_text(self) -> Any:
+        """The payload's ``message_text`` (None when there is no payload)."""
+        return None if self.payload is None else self.payload.message_text
+
+
+class _SummaryPage(msgspec.Struct):
+    items: list[OperationSummary]
+    next_page: str | None = None
+
+
+_SUMMARY_PAGE = msgspec.json.Decoder(_SummaryPage)
 _TEXT_LIMIT = 500
 
 
@@ -147,6 +178,7 @@ class CatenaClient:
         timeout: float = 30.0,
     ) -> None:
         self._api_url = require_safe_url(api_url, "api_url")
+        self._operations_url = f"{self._api_url}/v2/integrations/connections/resource-operations"
         self._messages_url = f"{self._api_url}/v2/telematics/messages"
         self._tokens = tokens
         self._session = session
@@ -236,16 +268,23 @@ class CatenaClient:
         """
         if not 1 <= size <= MAX_PAGE_SIZE:
             raise ValueError(f"size must be within 1..{MAX_PAGE_SIZE}")
-        params = [
-            ("connection_id", connection_id),
-            ("resource", resource),
-            ("operation", operation),
-            ("from_datetime", _iso_utc(from_datetime)),
-            ("to_datetime", _iso_utc(to_datetime)),
-            ("size", str(size)),
-        ]
-        url = f"{self._api_url}/v2/integrations/connections/resource-operations"
-        return self._pages("operations", url, params)
+        params = _operations_query(connection_id, from_datetime, to_datetime, size)
+        params += [("resource", resource), ("operation", operation)]
+        return self._pages("operations", self._operations_url, params)
+
+    def list_operation_summaries(
+        self, connection_id: str, *, from_datetime: datetime, to_datetime: datetime
+    ) -> Iterator[OperationSummary]:
+        """Like :meth:`list_operations` (message creates, pages of 1000), as summaries only.
+
+        Raises:
+            ValueError: A naive datetime (at call time).
+            CatenaApiError: A page request failed or did not have the expected shape.
+            CredentialsRefused: The credentials were refused (while iterating; fatal).
+        """
+        params = _operations_query(connection_id, from_datetime, to_datetime, MAX_PAGE_SIZE)
+        params += [("resource", "message"), ("operation", "create")]
+        return self._pages("operations", self._operations_url, params, decode=_summary_page)
 
     def list_users(
         self, connection_id: str | None, source_ids: Sequence[str]
@@ -274,14 +313,23 @@ class CatenaClient:
     # -- internals ------------------------------------------------------------------------------
 
     def _pages(
-        self, endpoint: str, url: str, params: list[tuple[str, str]]
-    ) -> Iterator[dict[str, Any]]:
-        """Follow ``next_page`` cursors, yielding items; a failed page raises CatenaApiError."""
+        self,
+        endpoint: str,
+        url: str,
+        params: list[tuple[str, str]],
+        *,
+        decode: Callable[[bytes], Any] | None = None,
+    ) -> Iterator[Any]:
+        """Follow ``next_page`` cursors, yielding items; a failed page raises CatenaApiError.
+
+        ``decode`` turns a successful page into a ``_SummaryPage`` (None when it is not one);
+        without it pages are plain JSON and items dicts.
+        """
         seen: set[str] = set()
         cursor: str | None = None
         while True:
             page_params = [*params, ("cursor", cursor)] if cursor else params
-            result = self._send(endpoint, "GET", url, params=page_params)
+            result = self._send(endpoint, "GET", url, params=page_params, decode=decode)
             if isinstance(result, Failure):
                 raise CatenaApiError(
                     f"{endpoint} list failed: {result.message}",
@@ -291,7 +339,11 @@ class CatenaClient:
                     retry_after=result.retry_after,
                 )
             status, page = result
-            items = page.get("items") if isinstance(page, dict) else None
+            items: Any = None
+            if isinstance(page, _SummaryPage):
+                items, cursor = page.items, page.next_page
+            elif isinstance(page, dict):
+                items, cursor = page.get("items"), page.get("next_page")
             if not isinstance(items, list):
                 raise CatenaApiError(
                     f"{endpoint} list answer has no items list",
@@ -299,9 +351,7 @@ class CatenaClient:
                     kind=FailureKind.AMBIGUOUS,
                     api_error=_api_error(page, b""),
                 )
-            yield from (item for item in items if isinstance(item, dict))
-            assert isinstance(page, dict)
-            cursor = page.get("next_page")
+            yield from (item for item in items if isinstance(item, (dict, OperationSummary)))
             if not isinstance(cursor, str) or not cursor:
                 return
             if cursor in seen:
@@ -321,6 +371,7 @@ class CatenaClient:
         params: list[tuple[str, str]] | None = None,
         data: bytes | None = None,
         is_sync: bool = False,
+        decode: Callable[[bytes], Any] | None = None,
     ) -> tuple[int, Any] | Failure:
         """One request with the auth retry: (status, parsed body) when accepted, else a Failure.
 
@@ -336,7 +387,7 @@ class CatenaClient:
             return _failure(FailureKind.SAFE, None, None, str(exc))
         response = self._request(endpoint, method, url, token, params=params, data=data)
         if isinstance(response, Failure) or response.status_code not in (401, 403):
-            return self._outcome(response, is_sync)
+            return self._outcome(response, is_sync, decode=decode)
         try:
             token = self._tokens.refresh_after_failure(token)
         except TokenUnavailable as exc:
@@ -349,7 +400,7 @@ class CatenaClient:
             self.stats.record_auth_retry()
             response = self._request(endpoint, method, url, token, params=params, data=data)
             if isinstance(response, Failure) or response.status_code not in (401, 403):
-                return self._outcome(response, is_sync)
+                return self._outcome(response, is_sync, decode=decode)
             try:
                 current = self._tokens.token()
             except TokenUnavailable as exc:
@@ -394,12 +445,19 @@ class CatenaClient:
         *,
         kind: FailureKind | None = None,
         note: str = "",
+        decode: Callable[[bytes], Any] | None = None,
     ) -> tuple[int, Any] | Failure:
-        """Parse and classify a response; ``kind`` overrides the classification."""
+        """Parse and classify a response; ``kind`` overrides the classification.
+
+        ``decode`` parses a 2xx body (error bodies are always plain JSON).
+        """
         if isinstance(response, Failure):
             return response
         status = response.status_code
-        body = _json_or_none(response.content)
+        if decode is not None and 200 <= status < 300 and kind is None:
+            body = decode(response.content)
+        else:
+            body = _json_or_none(response.content)
         kind = kind or classify_status(status, body, is_sync=is_sync)
         if kind is None:
             return status, body
@@ -419,6 +477,25 @@ def _failure(
 ) -> Failure:
     """A Failure whose ``elapsed`` the public method fills in."""
     return Failure(kind, status, api_error, message, retry_after, 0.0)
+
+
+def _operations_query(
+    connection_id: str, from_datetime: datetime, to_datetime: datetime, size: int
+) -> list[tuple[str, str]]:
+    return [
+        ("connection_id", connection_id),
+        ("from_datetime", _iso_utc(from_datetime)),
+        ("to_datetime", _iso_utc(to_datetime)),
+        ("size", str(size)),
+    ]
+
+
+def _summary_page(content: bytes) -> _SummaryPage | None:
+    """A page of operation summaries, or None when the body is not one."""
+    try:
+        return _SUMMARY_PAGE.decode(content)
+    except ValueError:  # msgspec's DecodeError and ValidationError are ValueErrors
+        return None
 
 
 def _json_or_none(content: bytes) -> Any:
