@@ -58,8 +58,8 @@ class SandboxProcess:
         self.url = self.proc.stdout.readline().decode().strip()
         assert self.url.startswith("http://"), self.log_path.read_text()
 
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+    def get(self, path: str, timeout: float = 10) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
             return json.loads(response.read())
 
     def post_json(self, path: str, body: Any, headers: Mapping[str, str] | None = None) -> Any:
@@ -80,8 +80,9 @@ class SandboxProcess:
         with urllib.request.urlopen(request, timeout=10) as response:
             return str(json.loads(response.read())["access_token"])
 
-    def accepted_bodies(self) -> list[dict[str, Any]]:
-        return list(self.get("/_sandbox/accepted_bodies"))
+    def accepted_bodies(self, timeout: float = 10) -> list[dict[str, Any]]:
+        """Every body the sandbox accepted (a soak's million take a while to encode)."""
+        return list(self.get("/_sandbox/accepted_bodies", timeout))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
