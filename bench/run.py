@@ -91,24 +91,19 @@ def _memory_gib() -> str:
     return "unknown"
 
 
+def _git(*args: str) -> str:
+    """Output of a read-only git command in the repository (never touches the index)."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    done = subprocess.run(
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False, env=env
+    )
+    return done.stdout.strip()
+
+
 def _commit() -> str:
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read-only: never touch the index
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            check=False,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            env=env,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except OSError:
         return "unknown"
     return f"{head or 'unknown'}{' + uncommitted changes' if dirty else ''}"
