@@ -56,16 +56,17 @@ _INPUT_ERRORS = (
 
 
 # What the SDK's ``_remove_sdc_metadata_from_record`` drops from every record (singer-sdk 0.54).
-_SDC_FIELDS = (
-    "_sdc_extracted_at",
-    "_sdc_received_at",
-    "_sdc_batched_at",
-    "_sdc_deleted_at",
-    "_sdc_sequence",
-    "_sdc_table_version",
-    "_sdc_sync_started_at",
+_SDC_FIELDS = frozenset(
+    (
+        "_sdc_extracted_at",
+        "_sdc_received_at",
+        "_sdc_batched_at",
+        "_sdc_deleted_at",
+        "_sdc_sequence",
+        "_sdc_table_version",
+        "_sdc_sync_started_at",
+    )
 )
-_SDC_SET = frozenset(_SDC_FIELDS)
 # Young-generation size for the cyclic GC during a run (CPython's default is 700): every record
 # allocates a few containers, and at 700 the collector ran ~10 times per 1,000-record batch.
 _GC_GEN0_THRESHOLD = 20_000
@@ -236,9 +237,9 @@ class TargetCatenaMessages(Target):
         if sink is None or type(record) is not dict:
             super()._process_record_message(message_dict)
             return
-        if not _SDC_SET.isdisjoint(record):
-            for name in _SDC_FIELDS:
-                record.pop(name, None)
+        if not _SDC_FIELDS.isdisjoint(record):
+            for name in _SDC_FIELDS.intersection(record):
+                del record[name]
         for name in sink.key_names:
             if name not in record:
                 sink._singer_validate_message(record)  # raises the SDK's own error
