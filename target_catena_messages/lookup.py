@@ -139,7 +139,6 @@ class CatenaOperationLookup:
         self._lock = threading.Lock()
         self._snapshots: dict[str, _Snapshot] = {}
         self._active: list[datetime] = []  # the ``since`` of every lookup in progress
-        self.list_requests = 0
 
     def find(self, message: Message) -> tuple[str | None, int]:
         """Return (operation id, candidates): an id only when exactly one operation matches.
@@ -227,7 +226,6 @@ class CatenaOperationLookup:
         failed one leaves ``read_at`` as it was, so the next refresh starts from the same point.
         """
         for attempt in range(_LIST_ATTEMPTS):
-            self.list_requests += 1
             snap.last_read = 0
             try:
                 for op in self._client.list_operation_summaries(
