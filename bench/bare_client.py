@@ -26,7 +26,8 @@ TOKEN_PATH = "/realms/catena/protocol/openid-connect/token"
 MESSAGES_PATH = "/v2/telematics/messages"
 
 
-def _token(url: str) -> str:
+def token(url: str) -> str:
+    """A bearer token from the sandbox (the bench's own client credentials)."""
     form = {
         "grant_type": "client_credentials",
         "client_id": "bench",
@@ -70,12 +71,12 @@ def _post_urllib3(url: str, token: str, bodies: list[bytes], failures: list[int]
 
 def post(url: str, bodies: list[Any], concurrency: int, stack: str) -> dict[str, int]:
     """Post every body once, spread round-robin over ``concurrency`` threads."""
-    token = _token(url)
+    bearer = token(url)
     encoded = [json.dumps(body).encode() for body in bodies]
     failures: list[int] = []
     worker = _post_urllib3 if stack == "urllib3" else _post_requests
     threads = [
-        threading.Thread(target=worker, args=(url, token, encoded[i::concurrency], failures))
+        threading.Thread(target=worker, args=(url, bearer, encoded[i::concurrency], failures))
         for i in range(concurrency)
     ]
     for thread in threads:

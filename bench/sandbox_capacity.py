@@ -23,6 +23,11 @@ from pathlib import Path
 
 import requests
 
+if __package__ in (None, ""):  # run as a file: make the ``bench`` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bare_client import token
+
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTION = str(uuid.uuid4())
 MAX_REQUESTS_PER_CLIENT = 200_000
@@ -34,18 +39,6 @@ def start_server() -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     return proc, proc.stdout.readline().strip()
-
-
-def token(url: str) -> str:
-    form = {
-        "grant_type": "client_credentials",
-        "client_id": "bench",
-        "client_secret": "bench",
-        "scope": "organization",
-    }
-    answer = requests.post(f"{url}/realms/catena/protocol/openid-connect/token", data=form)
-    answer.raise_for_status()
-    return str(answer.json()["access_token"])
 
 
 def client(url: str, bearer: str, until: float, limit: int, latencies: list[float]) -> None:
