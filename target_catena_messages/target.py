@@ -19,7 +19,6 @@ dropped, a full sink drains, old records drain, counts and the record-count metr
 
 from __future__ import annotations
 
-import gc
 import io
 import logging
 import signal
@@ -43,6 +42,7 @@ from target_catena_messages.redact import Redactor
 from target_catena_messages.run import Interrupted, Run
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
 from target_catena_messages.sinks import MessagesSink
+from target_catena_messages.tuning import tune_gc, tune_malloc
 
 logger = logging.getLogger("target_catena_messages")
 
@@ -67,23 +67,6 @@ _SDC_FIELDS = frozenset(
         "_sdc_sync_started_at",
     )
 )
-# Young-generation size for the cyclic GC during a run (CPython's default is 700): every record
-# allocates a few containers, and at 700 the collector ran ~10 times per 1,000-record batch.
-_GC_GEN0_THRESHOLD = 20_000
-
-
-def tune_gc() -> None:
-    """Make the cyclic garbage collector cheap for a run of many short-lived records.
-
-    Freezing moves everything alive after startup (singer-sdk, SQLAlchemy, jsonschema: several
-    hundred thousand objects) out of the collector's reach, so full collections stop walking
-    them for every few thousand records (a third of the CPU of a dry run before this). Records
-    free themselves by reference counting; the collector only finds cycles, and a run makes few.
-    Process-wide, so only the CLI calls it, once the target is built. No collection first: it
-    would cost more startup time than the little garbage it could free.
-    """
-    gc.freeze()
-    gc.set_threshold(_GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _write_stdout(value: dict[str, Any]) -> None:
@@ -275,6 +258,7 @@ class TargetCatenaMessages(Target):
             logger.error("fatal: %s", exc)  # noqa: TRY400
             sys.exit(1)
         tune_gc()
+        tune_malloc()
         if file_input is not None and hasattr(file_input, "buffer"):
             # As for stdin: undecodable bytes reach the reader, which names their line.
             file_input = io.TextIOWrapper(
