@@ -163,7 +163,7 @@ class CatenaApi(FaultPipeline):
                 "connection_id": conn,
                 "fault": ctx.decision.label,
                 "latency_ms": ctx.decision.latency_ms,
-                "unknown_fields": sorted(set(body) - known_fields(schema))
+                "unknown_fields": sorted(body.keys() - known_fields(schema))
                 if isinstance(body, dict)
                 else [],
                 "authorization": f"{scheme} ***" if scheme else None,

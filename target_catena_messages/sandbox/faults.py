@@ -105,6 +105,11 @@ class FaultPlan:
         self.rng = random.Random(config.seed)
         self._matchers = [(rule, Matcher(rule.match)) for rule in config.rules]
 
+    @property
+    def empty(self) -> bool:
+        """No rules: every request gets ``NO_FAULT`` (callers may skip building a request)."""
+        return not self._matchers
+
     def decide(self, req: RequestInfo) -> Decision:
         """Pick the faults for one request (rules are tried in their configured order)."""
         if not self._matchers:

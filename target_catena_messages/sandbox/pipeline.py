@@ -19,6 +19,7 @@ from aiohttp import web
 from target_catena_messages.sandbox import responses as r
 from target_catena_messages.sandbox.config import SandboxConfig, User
 from target_catena_messages.sandbox.faults import (
+    NO_FAULT,
     Decision,
     FaultPlan,
     Matcher,
@@ -91,6 +92,8 @@ class FaultPipeline:
         """Number a request and decide its faults."""
         rt = self.runtime
         n, n_any, elapsed = self.store.next_request(endpoint)
+        if rt.plan.empty:
+            return Context(rt, endpoint, n, elapsed, NO_FAULT)
         decision = rt.plan.decide(RequestInfo(endpoint, n, n_any, connection_id, elapsed, sync))
         return Context(rt, endpoint, n, elapsed, decision)
 

@@ -5,12 +5,19 @@ These are hand translations of the OpenAPI in catena-api.md §2a (``catena_ids``
 ``null``, ``format: uuid`` is checked. They are deliberately independent of the target's own schema
 files, so a mistake in one shows up as a disagreement with the other. Extra keys are allowed (the
 Go SDK forwards them); the server reports them as ``unknown_fields``.
+
+Validation has two speeds, because it was the largest cost of an accepted request: a compiled
+fastjsonschema check (~5 us) decides valid/invalid; only an invalid body pays for the jsonschema
+pass (~40 us) that lists every problem. Both use jsonschema's own ``uuid`` rule, so they agree.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
+import fastjsonschema
 from jsonschema import Draft202012Validator, ValidationError
 
 from target_catena_messages import jsonutil
@@ -71,6 +78,40 @@ _VALIDATORS = {
     for name, schema in SCHEMAS.items()
 }
 
+_FORMATS = Draft202012Validator.FORMAT_CHECKER
+
+
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+
+
+def _is_uuid(value: object) -> bool:
+    """The ``uuid`` format rule of jsonschema, for fastjsonschema (a bool, never an exception).
+
+    The canonical form, which that rule accepts, is matched first; anything else asks the rule.
+    """
+    if isinstance(value, str) and _CANONICAL_UUID.fullmatch(value):
+        return True
+    return bool(_FORMATS.conforms(value, "uuid"))
+
+
+def _compile(schema: dict[str, Any]) -> Callable[[object], bool]:
+    """The valid/invalid verdict of ``schema``, compiled (no error details)."""
+    compiled = fastjsonschema.compile(schema, formats={"uuid": _is_uuid}, use_default=False)
+    invalid = fastjsonschema.JsonSchemaValueException
+
+    def valid(body: object) -> bool:
+        try:
+            compiled(body)
+        except invalid:
+            return False
+        return True
+
+    return valid
+
+
+_FAST = {name: _compile(schema) for name, schema in SCHEMAS.items()}
+_KNOWN = {name: frozenset(schema["properties"]) for name, schema in SCHEMAS.items()}
+
 _TYPE_ERRORS = {
     "string": ("string_type", "Input should be a valid string"),
     "array": ("list_type", "Input should be a valid list"),
@@ -82,7 +123,7 @@ _TYPE_ERRORS = {
 
 def known_fields(message_schema: str) -> frozenset[str]:
     """The property names of a body version (anything else is an unknown field)."""
-    return frozenset(SCHEMAS[message_schema]["properties"])
+    return _KNOWN[message_schema]
 
 
 def validate_body(message_schema: str, body: object) -> list[dict[str, str]]:
@@ -93,6 +134,8 @@ def validate_body(message_schema: str, body: object) -> list[dict[str, str]]:
     by path so the answer is the same for the same body.
     """
     details: list[dict[str, str]] = []
+    if _FAST[message_schema](body):
+        return details
     for error in _VALIDATORS[message_schema].iter_errors(body):
         details.extend(_details(error))
     details.sort(key=lambda d: (d["path"], d["error_type"]))
