@@ -4,6 +4,10 @@ The server runs on a private event loop in a daemon thread so a test (or the CLI
 synchronously. The listening socket is managed here rather than by an aiohttp site, because the
 ``refuse`` fault must close it and bind the same port again later. Introspection goes through the
 thread-safe ``Store``, both as Python methods and as JSON under ``/_sandbox/``.
+
+The loop is uvloop's when it is installed (the ``sandbox`` extra): a leaner loop for the benchmarks,
+which need the sandbox far from being their bottleneck (its gain was within the noise of the
+loaded machine it was measured on; docs/sandbox.md, "Performance").
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+try:
+    import uvloop
+except ImportError:  # optional: the stdlib loop behaves the same, only slower
+    uvloop = None  # type: ignore[assignment]
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
@@ -85,7 +93,7 @@ class Sandbox:
         ready = threading.Event()
         self._startup_error = None
         self._busy.clear()
-        self._loop = asyncio.new_event_loop()
+        self._loop = asyncio.new_event_loop() if uvloop is None else uvloop.new_event_loop()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name="catena-sandbox", daemon=True
         )
