@@ -189,9 +189,10 @@ def report(
             "- P2/P3/P5 rates come from the sandbox's own arrival timestamps, identically for "
             "the target and the bare loop: P2 `n / (last - first + 50 ms)`, which equals "
             "`max_concurrency / 50 ms` for an ideal sender.",
-            "- `cap`: one Python client process saturates before the sandbox, so the second "
-            "row divides the requests by the sandbox process's own CPU seconds: the rate at "
-            "which the sandbox itself would become the bottleneck.",
+            "- `cap`: the sandbox's ceiling is requests per sandbox CPU-second, measured during "
+            "the fastest P3 run (an event loop's CPU per request falls as its load rises, so a "
+            "slow client understates it); there ceiling ÷ rate = 1 ÷ the share of a core the "
+            "sandbox was busy. The 32-thread row is the client-bound, low-load figure.",
             *(failed if failures else []),
         ]
     )

@@ -10,6 +10,7 @@ latency) shows whether the gap is ours or the stack's.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,10 +87,15 @@ def p1_overhead(b: Bench) -> list[Row]:
 
 
 def _loop_arrivals(b: Bench, name: str, stream_path: Path, concurrency: int, stack: str) -> float:
-    """Post the stream's bodies with a bare loop; the sandbox's arrival span of the requests."""
+    """Post the stream's bodies with a bare loop; the sandbox's arrival span of the requests.
+
+    The sandbox's CPU seconds during the loop go to ``b.facts["sandbox_cpu:" + name]`` (for cap).
+    """
     n = len(bodies := streams.bodies(stream_path))
     b.sandbox.latency(b.latency_ms)
+    sandbox_cpu = b.sandbox.cpu_seconds()
     b.bare(name, bodies, concurrency, stack)
+    b.facts[f"sandbox_cpu:{name}"] = b.sandbox.cpu_seconds() - sandbox_cpu
     at = b.arrivals(n)
     return at[-1] - at[0]
 
@@ -154,7 +160,9 @@ def p3_cpu_bound(b: Bench) -> list[Row]:
     b.sandbox.latency(0)
     ours0 = b.target("p3-ours-empty", empty, 0, **settings)
     b.sandbox.latency(0)
+    sandbox_cpu = b.sandbox.cpu_seconds()
     ours = b.target("p3-ours", stream, n, **settings)
+    b.facts["sandbox_cpu:p3-ours"] = b.sandbox.cpu_seconds() - sandbox_cpu
     ours_at = b.arrivals(n)
     rate = _rate(n - 1, ours_at[-1] - ours_at[0])
     cpu = 1000 * _steady(ours.cpu, ours0.cpu) / n
@@ -291,13 +299,50 @@ def p5_throttled(b: Bench) -> list[Row]:
     ]
 
 
-def capacity(b: Bench) -> list[Row]:
-    """The sandbox's requests/s at 0 ms with many client threads, vs the most any run asked of it.
+def _sandbox_runs(b: Bench, min_ticks: int) -> list[tuple[str, float, float]]:
+    """``(run, requests/s, requests per sandbox CPU-second)`` of each P3 run this bench made.
 
-    One Python client process saturates before the sandbox does, so the sandbox's own CPU time per
-    request is measured as well: one core divided by it is the rate at which the sandbox itself
-    would become the bottleneck.
+    A run whose sandbox CPU is below ``min_ticks`` clock ticks (``--quick``, a run reused from
+    the cache) measured nothing and is left out; CPU is counted as at least one tick.
     """
+    n, tick = b.sizes.p3_messages, 1 / os.sysconf("SC_CLK_TCK")
+    rates = {"p3-ours": "p3_rate", **{f"p3-{stack}": f"p3_{stack}_rate" for stack in _STACKS}}
+    rates["cap-aiohttp"] = "cap_aiohttp_rate"
+    runs = []
+    for name, rate_key in rates.items():
+        cpu = b.facts.get(f"sandbox_cpu:{name}", 0.0)
+        if rate_key in b.facts and cpu >= min_ticks * tick:
+            runs.append((name, b.facts[rate_key], n / max(cpu, tick)))
+    return runs
+
+
+def capacity(b: Bench) -> list[Row]:
+    """The sandbox's ceiling (requests per sandbox CPU-second) at the fastest run, vs its rate.
+
+    The sandbox is one process with one event loop, so it cannot serve more requests per second
+    than it handles per CPU-second: that is its ceiling. It is measured during the fastest run the
+    bench makes (P3's bare aiohttp loop; cap runs that loop itself when P3 did not run), because
+    an event loop's CPU per request falls as its load rises (more requests per loop iteration,
+    fewer wake-ups): measured under a slow client, the ceiling comes out too low. At that run the
+    ratio ceiling ÷ rate is 1 ÷ the share of a core the sandbox was busy, so >= 1.5x means it
+    still had a third of its core idle while serving the highest rate any run asks of it.
+
+    The second row is the older figure: 32 ``requests`` threads in one client process. That
+    process saturates first (~1,300 requests/s), so the sandbox idles between requests and its
+    CPU per request is the pessimistic, low-load one; it stays to show how much load matters.
+    """
+    runs = _sandbox_runs(b, min_ticks=2)
+    if not runs:
+        n, concurrency = b.sizes.p3_messages, b.sizes.p3_concurrency
+        b.log(f"capacity: {n:,} messages from a bare aiohttp loop at 0 ms (P3 did not run)")
+        b.latency_ms = 0.0
+        span = _loop_arrivals(b, "cap-aiohttp", b.stream("p3", n), concurrency, "aiohttp")
+        b.facts["cap_aiohttp_rate"] = _rate(n - 1, span)
+        runs = _sandbox_runs(b, min_ticks=0)
+    fastest, fastest_rate, ceiling = max(runs, key=lambda run: run[1])
+    demanded = max([fastest_rate] + [c / ROUND_TRIP for c, _ in b.sizes.p2])
+    source = fastest if demanded == fastest_rate else "P2's ideal c / latency"
+
     threads, seconds = b.sizes.capacity_threads, b.sizes.capacity_seconds
     b.log(f"capacity: {threads} client threads for {seconds:.1f} s at 0 ms")
     b.sandbox.latency(0)
@@ -305,31 +350,27 @@ def capacity(b: Bench) -> list[Row]:
     capacity_run(b.sandbox.url, bearer, 1, min(seconds, 0.5), 1000)  # warm-up
     cpu_before = b.sandbox.cpu_seconds()
     result = capacity_run(b.sandbox.url, bearer, threads, seconds, 200_000)
-    ceiling = result["requests"] / max(b.sandbox.cpu_seconds() - cpu_before, 1e-9)
+    threads_ceiling = result["requests"] / max(b.sandbox.cpu_seconds() - cpu_before, 1e-9)
     b.sandbox.latency(0)
-    demanded = max(
-        [value for key, value in b.facts.items() if key.startswith("p3_")]
-        + [c / ROUND_TRIP for c, _ in b.sizes.p2]
-    )
-    served = result["per_second"]
+    others = ", ".join(f"{name} {per_cpu:,.0f}" for name, _, per_cpu in runs if name != fastest)
     return [
         Row(
             "cap",
-            f"sandbox requests/s at 0 ms, {threads} threads in one client process",
-            f"{served:,.0f}/s",
-            f"highest rate asked of it: {demanded:,.0f}/s",
-            f"{served / demanded:.2f}x",
-            "-",
-            None,
+            "sandbox's ceiling: requests per sandbox CPU-second, in the fastest run",
+            f"{ceiling:,.0f}/s",
+            f"highest rate asked of it: {demanded:,.0f}/s ({source})",
+            f"{ceiling / demanded:.2f}x (sandbox busy {_pct(fastest_rate / ceiling)})",
+            ">= 1.5x",
+            ceiling / demanded >= 1.5,
         ),
         Row(
             "cap",
-            "sandbox's own ceiling: requests per sandbox CPU-second",
-            f"{ceiling:,.0f}/s",
-            f"highest rate asked of it: {demanded:,.0f}/s",
-            f"{ceiling / demanded:.2f}x",
-            ">= 1.5x",
-            ceiling / demanded >= 1.5,
+            f"same, {threads} threads in one client process (client-bound, low load)",
+            f"{threads_ceiling:,.0f}/s",
+            f"served {result['per_second']:,.0f}/s; other runs: {others or '-'}",
+            f"{threads_ceiling / demanded:.2f}x",
+            "-",
+            None,
         ),
     ]
 
