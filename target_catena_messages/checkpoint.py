@@ -109,9 +109,13 @@ class Checkpointer:
                 a bug upstream that would otherwise corrupt the checkpoint silently.
         """
         self._check_resolvable(seq)
-        entry = self._entry_for(stream, key, outcome, operation_id, stage)
+        if outcome == "accepted" and operation_id is not None:  # the usual case, inline
+            entry: list[str] | None = [stream, key, operation_id]
+            self._totals.accepted += 1
+        else:
+            entry = self._entry_for(stream, key, outcome, operation_id, stage)
+            self._count(outcome)
         self._mark_resolved(seq)
-        self._count(outcome)
         self._resolved_since_line += 1
         if entry is not None:
             target = (

@@ -27,7 +27,7 @@ import itertools
 import logging
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -173,15 +173,23 @@ class Delivery:
 
     def submit(self, message: Message) -> None:
         """Queue a message behind earlier ones of its lane; returns at once."""
+        self.submit_many((message,))
+
+    def submit_many(self, messages: Sequence[Message]) -> None:
+        """``submit`` each message, in order, under one hold of the lock (a batch at a time)."""
+        if not messages:
+            return
         with self._lock:
-            self._outstanding += 1
-            queue = self._lanes.get(message.lane)
-            if queue is not None:
-                queue.append(message)
-                return
-            self._lanes[message.lane] = deque()
-            heapq.heappush(self._ready, (message.seq, next(self._tiebreak), message))
-            self._staff()
+            self._outstanding += len(messages)
+            lanes, ready, tiebreak = self._lanes, self._ready, self._tiebreak
+            for message in messages:
+                queue = lanes.get(message.lane)
+                if queue is not None:
+                    queue.append(message)
+                    continue
+                lanes[message.lane] = deque()
+                heapq.heappush(ready, (message.seq, next(tiebreak), message))
+                self._staff()
 
     @property
     def outstanding(self) -> int:

@@ -167,6 +167,10 @@ class RunReport:
         total = self.totals()
         return total.dead_lettered + total.expired > 0
 
+    def progress_due(self) -> bool:
+        """Whether :meth:`progress_line` would give a line now (so its inputs are worth making)."""
+        return self._clock() - self._last_progress_at >= self._progress_every
+
     def progress_line(
         self, *, in_flight: int, queued: int, http: Mapping[str, float]
     ) -> str | None:

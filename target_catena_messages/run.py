@@ -282,13 +282,15 @@ class Run:
         claim = self.ledger.peek if self.settings.dry_run else self.ledger.claim
         dry = self.delivery is None
         would_send = _WouldSend()
+        to_send: list[Message] = []
         for m, result in zip(sendable, claim(_claims(sendable)), strict=True):
-            if dry and result.decision is Decision.SEND:  # _decide_sendable's dry-run case
-                would_send.append(m)
-            else:
-                self._decide_sendable(m, result)
+            if result.decision is _SEND:  # the usual case, decided here without a call
+                (would_send if dry else to_send).append(m)
+            elif self._decide_sendable(m, result):
+                to_send.append(m)
         if would_send:
             self._outcomes.put(would_send)
+        self._send(to_send)
 
     def _resolve_users(self, messages: list[Message]) -> None:
         """catena_ids: turn provider ids into Catena user ids, batched per connection."""
@@ -366,7 +368,8 @@ class Run:
             }
             self._resolve(Outcome(m, Resolution.EXPIRED, stage="expired", errors=(expired,)))
 
-    def _decide_sendable(self, m: Message, result: ClaimResult) -> None:
+    def _decide_sendable(self, m: Message, result: ClaimResult) -> bool:
+        """Act on a claim decision; True: ``m`` is to be sent (the caller passes it to _send)."""
         decision = result.decision
         if decision is Decision.DUPLICATE:
             self._resolve(Outcome(m, Resolution.DUPLICATE, operation_id=result.operation_id))
@@ -382,9 +385,20 @@ class Run:
                 m.recover = True
                 m.maybe_sent = True
                 m.prior_claimed_at = result.prior_claimed_at
-            with self._lock:
-                self._claimed.add((m.namespace, m.key))
-            self.delivery.submit(m)
+            return True
+        return False
+
+    def _send(self, messages: list[Message]) -> None:
+        """Hand claimed messages to delivery in input order (lanes keep it), one lock hold each.
+
+        One lock round per batch rather than two per message: the reader would otherwise take
+        turns on delivery's lock with every sending thread (a thread switch each time).
+        """
+        if not messages or self.delivery is None:
+            return
+        with self._lock:
+            self._claimed.update([(m.namespace, m.key) for m in messages])
+        self.delivery.submit_many(messages)
 
     def _resolve(self, outcome: Outcome) -> None:
         self._outcomes.put(outcome)
@@ -411,8 +425,9 @@ class Run:
             results = self.ledger.peek(_claims(waiting))
         else:
             results = self.ledger.claim(_claims(waiting))
-        for m, result in zip(waiting, results, strict=True):
-            self._decide_sendable(m, result)
+        self._send(
+            [m for m, r in zip(waiting, results, strict=True) if self._decide_sendable(m, r)]
+        )
 
     def add_tap_state(self, value: dict[str, Any]) -> None:
         """A tap STATE: tied to every record read before it."""
@@ -481,15 +496,17 @@ class Run:
     def _commit(self, batch: list[Outcome], would_send: Sequence[Message] = ()) -> None:
         records: list[LedgerOutcome] = []
         released: list[tuple[str, str]] = []
+        confirm = self.settings.confirm_operations
         for o in batch:
-            if o.resolution in _NOTHING_TO_WRITE:  # the usual case in a dry run, and duplicates
+            resolution = o.resolution
+            if resolution in _NOTHING_TO_WRITE:  # the usual case in a dry run, and duplicates
                 continue
             m = o.message
-            if o.resolution is Resolution.ABANDONED:
+            if resolution is _ABANDONED:
                 if not m.maybe_sent:
                     released.append((m.namespace, m.key))
                 continue
-            if o.resolution in (Resolution.DEAD_LETTERED, Resolution.EXPIRED):
+            if resolution in (Resolution.DEAD_LETTERED, Resolution.EXPIRED):
                 self.dead_letters.write(
                     stream=m.stream,
                     key=m.key,
@@ -502,12 +519,7 @@ class Run:
                     retryable=o.retryable,
                     record=m.record,
                 )
-            if (
-                o.resolution is Resolution.ACCEPTED
-                and self.settings.confirm_operations
-                and m.connection_id
-                and o.operation_id
-            ):
+            if confirm and resolution is Resolution.ACCEPTED and m.connection_id and o.operation_id:
                 self._to_confirm.append(
                     Pending(
                         m.namespace,
@@ -519,22 +531,20 @@ class Run:
                         m.attempts,
                     )
                 )
-            status = _LEDGER_STATUS.get(o.resolution)
+            status = _LEDGER_STATUS.get(resolution._value_)  # by value: an Enum hashes in Python
             if status is not None:
                 records.append(
                     LedgerOutcome(
-                        namespace=m.namespace,
-                        key=m.key,
-                        status=status,
+                        m.namespace,
+                        m.key,
+                        status,
                         # A retryable failure (retries ran out) is tried again by a later run:
                         # its stored fingerprint can never equal a body's.
-                        fingerprint=retryable_fingerprint(m.fingerprint)
-                        if o.retryable
-                        else m.fingerprint,
-                        operation_id=o.operation_id,
-                        stage=o.stage,
-                        attempts=m.attempts,
-                        connection_id=m.connection_id,
+                        retryable_fingerprint(m.fingerprint) if o.retryable else m.fingerprint,
+                        o.operation_id,
+                        o.stage,
+                        m.attempts,
+                        m.connection_id,
                     )
                 )
         if not self.settings.dry_run:
@@ -582,11 +592,11 @@ class Run:
         if resolution in _RESOLVED_SILENTLY:
             self.checkpointer.resolve_silently(m.seq)
         else:
-            kind = _CHECKPOINT_KIND[resolution]
+            kind = _CHECKPOINT_KIND[resolution._value_]
             self.checkpointer.resolve(
                 m.seq, m.stream, m.key, kind, operation_id=o.operation_id, stage=o.stage
             )
-        if o.resolution in (Resolution.ACCEPTED, Resolution.DUPLICATE) and later:
+        if later and resolution in (Resolution.ACCEPTED, Resolution.DUPLICATE):
             for copy in later:
                 self._outcomes.put(Outcome(copy, Resolution.DUPLICATE, operation_id=o.operation_id))
             return []
@@ -633,11 +643,13 @@ class Run:
                 and now - self._last_state_at >= _STATE_MIN_GAP
             ):
                 line = self.checkpointer.take_line()
-            progress = self.report.progress_line(
-                in_flight=self.delivery.in_flight if self.delivery else 0,
-                queued=self._unresolved,
-                http=self.http_counters(),
-            )
+            progress = None
+            if self.report.progress_due():  # the counters are gathered only for a line
+                progress = self.report.progress_line(
+                    in_flight=self.delivery.in_flight if self.delivery else 0,
+                    queued=self._unresolved,
+                    http=self.http_counters(),
+                )
         if line is not None:
             self._emit(line)
             self._last_state_at = now
@@ -744,16 +756,17 @@ class Run:
         return exit_code
 
 
-_LEDGER_STATUS: Mapping[Resolution, Any] = {
-    Resolution.ACCEPTED: "accepted",
-    Resolution.DEAD_LETTERED: "dead_lettered",
-    Resolution.EXPIRED: "dead_lettered",
+# Keyed by ``Resolution`` value (a str hashes in C; the Enum member's hash is Python code).
+_LEDGER_STATUS: Mapping[str, Any] = {
+    Resolution.ACCEPTED.value: "accepted",
+    Resolution.DEAD_LETTERED.value: "dead_lettered",
+    Resolution.EXPIRED.value: "dead_lettered",
 }
-_CHECKPOINT_KIND: Mapping[Resolution, Any] = {
-    Resolution.ACCEPTED: "accepted",
-    Resolution.DUPLICATE: "duplicate",
-    Resolution.DEAD_LETTERED: "dead_lettered",
-    Resolution.EXPIRED: "expired",
+_CHECKPOINT_KIND: Mapping[str, Any] = {
+    Resolution.ACCEPTED.value: "accepted",
+    Resolution.DUPLICATE.value: "duplicate",
+    Resolution.DEAD_LETTERED.value: "dead_lettered",
+    Resolution.EXPIRED.value: "expired",
 }
 # Per-outcome membership tests on the recorder's path; an Enum's ``__hash__`` is Python code,
 # so these are tuples (compared by identity first) rather than sets or dict keys.
@@ -762,8 +775,9 @@ _NOTHING_TO_WRITE = (
     Resolution.DUPLICATE,
     Resolution.PREVIOUSLY_DEAD_LETTERED,
 )
-_RESOLVED_SILENTLY = tuple(r for r in Resolution if r.resolves and r not in _CHECKPOINT_KIND)
+_RESOLVED_SILENTLY = tuple(r for r in Resolution if r.resolves and r.value not in _CHECKPOINT_KIND)
 _ABANDONED = Resolution.ABANDONED
+_SEND = Decision.SEND
 _WOULD_SEND: str = Resolution.WOULD_SEND.value
 
 

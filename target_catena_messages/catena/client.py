@@ -142,7 +142,10 @@ class ClientStats:
         """Count one request to ``endpoint`` that ended in ``outcome`` (a status or error name)."""
         with self._lock:
             self._requests[endpoint] += 1
-            self._outcomes.setdefault(endpoint, Counter())[outcome] += 1
+            outcomes = self._outcomes.get(endpoint)
+            if outcomes is None:  # not setdefault: that builds a Counter per request
+                outcomes = self._outcomes[endpoint] = Counter()
+            outcomes[outcome] += 1
 
     def record_auth_retry(self) -> None:
         """Count one refresh-and-retry after a 401/403."""
