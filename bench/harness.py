@@ -29,24 +29,23 @@ class Sizes:
     p2: tuple[tuple[int, int], ...] = ((8, 2000), (32, 4000))  # (concurrency, messages)
     p3_messages: int = 5000
     p3_concurrency: int = 8
+    p3_repeats: int = 3  # interleaved (ours, bare urllib3) pairs; the ratios are medians
     p4_big: int = 1_000_000
     p4_sandbox: int = 100_000
     p4_concurrency: int = 32
     p5_seconds: float = 40.0
     p5_warmup: float = 10.0
-    capacity_seconds: float = 3.0
-    capacity_threads: int = 32
 
 
 QUICK = Sizes(
     p1_records=2000,
     p2=((8, 80), (32, 160)),
     p3_messages=200,
+    p3_repeats=1,
     p4_big=6000,
     p4_sandbox=1000,
     p5_seconds=3.0,
     p5_warmup=1.0,
-    capacity_seconds=0.5,
 )
 
 

@@ -189,10 +189,12 @@ def report(
             "- P2/P3/P5 rates come from the sandbox's own arrival timestamps, identically for "
             "the target and the bare loop: P2 `n / (last - first + 50 ms)`, which equals "
             "`max_concurrency / 50 ms` for an ideal sender.",
-            "- `cap`: the sandbox's ceiling is requests per sandbox CPU-second, measured during "
-            "the fastest P3 run (an event loop's CPU per request falls as its load rises, so a "
-            "slow client understates it); there ceiling ÷ rate = 1 ÷ the share of a core the "
-            "sandbox was busy. The 32-thread row is the client-bound, low-load figure.",
+            "- `cap`: in each run at 0 ms the sandbox serves at most as many requests per "
+            "second as it handles per CPU-second in that run; ceiling ÷ rate = 1 ÷ the share "
+            "of a core it was busy. Judged: the busiest of P3's judged runs. The bare aiohttp "
+            "loop is shown unjudged: there client and sandbox each take one of the two cores.",
+            "- P3's judged pair (target, bare urllib3 loop) runs three times, interleaved; its "
+            "ratios are the medians of the pairs' ratios, with their range.",
             *(failed if failures else []),
         ]
     )
