@@ -26,6 +26,7 @@ class Sizes:
     """How much work each measurement does; ``QUICK`` only proves the bench runs."""
 
     p1_records: int = 100_000
+    p1_repeats: int = 3  # interleaved (no-op, ours) pairs; the ratios are medians
     p2: tuple[tuple[int, int], ...] = ((8, 2000), (32, 4000))  # (concurrency, messages)
     p3_messages: int = 5000
     p3_concurrency: int = 8
@@ -39,6 +40,7 @@ class Sizes:
 
 QUICK = Sizes(
     p1_records=2000,
+    p1_repeats=1,
     p2=((8, 80), (32, 160)),
     p3_messages=200,
     p3_repeats=1,

@@ -193,8 +193,9 @@ def report(
             "second as it handles per CPU-second in that run; ceiling ÷ rate = 1 ÷ the share "
             "of a core it was busy. Judged: the busiest of P3's judged runs. The bare aiohttp "
             "loop is shown unjudged: there client and sandbox each take one of the two cores.",
-            "- P3's judged pair (target, bare urllib3 loop) runs three times, interleaved; its "
-            "ratios are the medians of the pairs' ratios, with their range.",
+            "- P1's and P3's judged pairs (no-op SDK target and ours; ours and the bare urllib3 "
+            "loop) run three times, interleaved; their ratios are the medians of the pairs' "
+            "ratios, with their range: single pairs moved by 25 % as the machine's speed swung.",
             *(failed if failures else []),
         ]
     )
