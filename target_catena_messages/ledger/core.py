@@ -1,365 +1,59 @@
-"""The ledger: which message keys were claimed, accepted or dead-lettered, across runs.
+"""The Ledger class: claims, outcomes, leases and reports, each batch in one transaction.
 
-Catena has no idempotency key, so this table is what keeps a message from being sent twice. A key is
-CLAIMED (committed, with a lease) before its POST and its OUTCOME is committed before any STATE that
-covers it. Several target processes may share one PostgreSQL ledger; a claim whose lease ran out
-without an outcome means its process died mid-send, so the next claimant gets ``RECOVER`` and must
-look for an existing operation before resending.
-
-One SQLAlchemy Core code path serves SQLite and PostgreSQL; the only dialect branches are the
-``INSERT ... ON CONFLICT`` construct, the lock that serialises writers (``BEGIN IMMEDIATE`` on
-SQLite, row locks plus an advisory lock for DDL on PostgreSQL) and a ``"C"`` collation on
-PostgreSQL, so the database orders keys exactly as Python does and every writer locks rows in one
-global order (no deadlocks between overlapping batches).
-
-SQLite runs in WAL mode with ``synchronous=FULL``. ``NORMAL`` survives a crash of the *process* but
-can lose the last commits on power loss or an OS crash, and a lost claim means a resend after the
-POST happened. ``FULL`` fsyncs the WAL on every commit; we commit once per batch: it costs little.
-
-Only a hex fingerprint of each body is stored, never message text.
+The values it takes and returns, the table, the engines and the pure claim decision live in
+their own modules of this package; this one holds the transactions that tie them together.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
-import socket
-import sqlite3
-import urllib.parse
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
-from enum import Enum
-from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine import Connection, Engine
 
-from target_catena_messages import jsonutil
-from target_catena_messages.errors import ConfigError, FatalError
+from target_catena_messages.ledger.decision import _SEND, _decide
+from target_catena_messages.ledger.engines import (
+    _WRITE_OPTION,
+    _parse_url,
+    _postgresql_engine,
+    _sqlite_engine,
+)
+from target_catena_messages.ledger.records import (
+    ACCEPTED,
+    CLAIMED,
+    DEAD_LETTERED,
+    ClaimRequest,
+    ClaimResult,
+    ConfirmedStatus,
+    Decision,
+    Key,
+    LedgerError,
+    LedgerOutcome,
+    LedgerReadOnlyError,
+    retryable_fingerprint,
+)
+from target_catena_messages.ledger.schema import (
+    _OUTCOME_COLUMNS,
+    _STATUSES,
+    TABLE,
+    C,
+    _create_table,
+    _per_dialect,
+)
 
-logger = logging.getLogger(__name__)
+# The package's name, as before the split: log lines keep saying where they come from.
+logger = logging.getLogger("target_catena_messages.ledger")
 
 T = TypeVar("T")
-Key = tuple[str, str]
 
-CLAIMED, ACCEPTED, DEAD_LETTERED = "claimed", "accepted", "dead_lettered"
 _CHUNK = 500  # bound parameters per IN list: far below SQLite's and PostgreSQL's limits
-_SQLITE_BUSY_SECONDS = 60.0  # wait for another process's write transaction instead of failing
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock: rolled back
 _TRANSIENT_RETRIES = 3
-_DDL_LOCK_ID = 0x43_41_54_45_4E_41  # pg_advisory_xact_lock id for creating the table ("CATENA")
-_FINGERPRINT = re.compile(r"[0-9a-f]{32,128}")
-_WRITE_OPTION = "catena_ledger_write"
-_BOUND_TIMESTAMPS = 8  # converted timestamps remembered per column (see _UTCDateTime)
-
-
-class LedgerError(FatalError):
-    """The ledger cannot be opened or written: no message may be sent without it."""
-
-
-class LedgerReadOnlyError(LedgerError):
-    """A write on a ledger opened read-only (dry runs): a caller bug, never silently ignored."""
-
-
-class Decision(str, Enum):
-    """What the caller does with a key it wants to send."""
-
-    SEND = "send"
-    DUPLICATE = "duplicate"
-    PREVIOUSLY_DEAD_LETTERED = "previously_dead_lettered"
-    IN_PROGRESS_ELSEWHERE = "in_progress_elsewhere"
-    RECOVER = "recover"
-
-
-class _ClaimFields(NamedTuple):
-    namespace: str
-    key: str
-    fingerprint: str
-    connection_id: str | None
-
-
-class ClaimRequest(_ClaimFields):
-    """One key to claim; ``fingerprint`` is the hex hash of the body and the settings shaping it.
-
-    Immutable and checked like the other ledger values, but a named tuple rather than a frozen
-    dataclass: the run builds one per record, and a frozen dataclass costs twice as much.
-    """
-
-    __slots__ = ()
-
-    def __new__(
-        cls, namespace: str, key: str, fingerprint: str, connection_id: str | None
-    ) -> ClaimRequest:
-        """Build a request; a fingerprint that is not a hex digest is refused (ValueError)."""
-        _check_fingerprint(fingerprint)
-        return tuple.__new__(cls, (namespace, key, fingerprint, connection_id))
-
-
-@dataclass(frozen=True)
-class ClaimResult:
-    """The decision for one key.
-
-    ``prior_claimed_at`` is, for ``RECOVER``, the earliest moment an unresolved send of this key
-    may have started (the lower bound for the operation lookup); for ``IN_PROGRESS_ELSEWHERE`` it
-    is when the holder claimed it.
-    """
-
-    decision: Decision
-    operation_id: str | None = None
-    stage: str | None = None
-    prior_claimed_at: datetime | None = None
-    prior_run_id: str | None = None
-
-
-class _OutcomeFields(NamedTuple):
-    namespace: str
-    key: str
-    status: Literal["accepted", "dead_lettered"]
-    fingerprint: str
-    operation_id: str | None = None
-    stage: str | None = None
-    attempts: int = 0
-    connection_id: str | None = None
-    confirmed_status: str | None = None
-
-
-class LedgerOutcome(_OutcomeFields):
-    """What finally happened to one key; accepted needs an operation id, a dead letter its stage.
-
-    A checked named tuple like :class:`ClaimRequest`, for the same reason: the recorder builds
-    one per message sent, and a frozen dataclass with ``__post_init__`` costs several times more.
-    """
-
-    __slots__ = ()
-
-    def __new__(  # noqa: PLR0917 - positional like the dataclass it replaced
-        cls,
-        namespace: str,
-        key: str,
-        status: Literal["accepted", "dead_lettered"],
-        fingerprint: str,
-        operation_id: str | None = None,
-        stage: str | None = None,
-        attempts: int = 0,
-        connection_id: str | None = None,
-        confirmed_status: str | None = None,
-    ) -> LedgerOutcome:
-        """Build an outcome; an incomplete one or a non-hex fingerprint is refused (ValueError)."""
-        _check_fingerprint(fingerprint)
-        if status == ACCEPTED:
-            if not operation_id:
-                raise ValueError(f"accepted outcome for key {key!r} needs an operation_id")
-        elif status == DEAD_LETTERED:
-            if not stage:
-                raise ValueError(f"dead-lettered outcome for key {key!r} needs a stage")
-        else:
-            raise ValueError(f"unknown outcome status {status!r}")
-        return tuple.__new__(
-            cls,
-            (
-                namespace,
-                key,
-                status,
-                fingerprint,
-                operation_id,
-                stage,
-                attempts,
-                connection_id,
-                confirmed_status,
-            ),
-        )
-
-
-# -- issue 6: confirmation -------------------------------------------------------------------
-
-CONFIRMATION_STATUSES = ("success", "failed", "pending")
-
-
-@dataclass(frozen=True)
-class ConfirmedStatus:
-    """Catena's word on the operation of an accepted key (confirmation, ledger report refresh).
-
-    ``retryable``: a failure that sending again may cure (network, provider 5xx); the next run
-    that sees the key sends it again, like any retryable dead letter.
-    """
-
-    namespace: str
-    key: str
-    operation_id: str
-    status: Literal["success", "failed", "pending"]
-    retryable: bool = False
-
-    def __post_init__(self) -> None:
-        if self.status not in CONFIRMATION_STATUSES:
-            raise ValueError(f"unknown confirmed status {self.status!r}")
-
-
-def retryable_fingerprint(fingerprint: str) -> str:
-    """What a retryable dead letter stores instead of its fingerprint: never equal to a body's.
-
-    So the next run that sees the key sends it again (the run stores retryable dead letters so).
-    """
-    return jsonutil.sha256_hex([fingerprint, "retryable"])
-
-
-def _check_fingerprint(fingerprint: str) -> None:
-    # A guard as much as a check: whatever is passed here is stored, and it must never be text.
-    if not _FINGERPRINT.fullmatch(fingerprint):
-        raise ValueError("fingerprint must be a lowercase hex digest (32-128 characters)")
-
-
-class _UTCDateTime(sa.types.TypeDecorator[datetime]):
-    """Aware UTC datetimes in, aware UTC datetimes out, on both dialects."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("ledger timestamps must be timezone-aware")
-        value = value.astimezone(timezone.utc)
-        # SQLite stores text and would drop the offset anyway; keep what it stores unambiguous.
-        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
-
-    def bind_processor(self, dialect: sa.Dialect) -> Callable[[Any], Any] | None:
-        """``process_bind_param`` plus the driver's conversion, remembered per value.
-
-        A batch binds the same instant in every row (``at``, ``at + lease``): converting it
-        once instead of two or three times a row saves ~3 us per timestamp. Datetimes are
-        immutable and equal ones convert alike; a naive one raises and is never remembered.
-        """
-        convert = super().bind_processor(dialect)
-        if convert is None:  # pragma: no cover - both dialects have one
-            return None
-        done: dict[datetime, Any] = {}
-
-        def process(value: datetime | None) -> Any:
-            if value is None:
-                return None
-            bound = done.get(value)
-            if bound is None:
-                if len(done) >= _BOUND_TIMESTAMPS:
-                    done.clear()
-                bound = done[value] = convert(value)
-            return bound
-
-        return process
-
-    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
-
-
-_ID = sa.String().with_variant(sa.String(collation="C"), "postgresql")
-METADATA = sa.MetaData()
-TABLE = sa.Table(
-    "catena_message_ledger",
-    METADATA,
-    sa.Column("namespace", _ID, primary_key=True),
-    sa.Column("key", _ID, primary_key=True),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("fingerprint", sa.String(128), nullable=False),
-    sa.Column("operation_id", sa.String(), index=True),
-    sa.Column("stage", sa.String()),
-    sa.Column("attempts", sa.Integer(), nullable=False),
-    sa.Column("connection_id", sa.String()),
-    sa.Column("run_id", sa.String(), nullable=False),
-    sa.Column("claimed_at", _UTCDateTime()),
-    sa.Column("lease_until", _UTCDateTime()),
-    # Set while a claim carries an unresolved earlier send: the earliest time it may have begun.
-    sa.Column("ambiguous_since", _UTCDateTime()),
-    sa.Column("resolved_at", _UTCDateTime()),
-    sa.Column("confirmed_status", sa.String()),
-    sa.Column("updated_at", _UTCDateTime(), nullable=False),
-    sa.CheckConstraint(
-        "status IN ('claimed', 'accepted', 'dead_lettered')", name="ck_catena_ledger_status"
-    ),
-)
-C = TABLE.c
-
-
-def new_run_id() -> str:
-    """A run id that says where the run lives: ``host/pid/nonce``.
-
-    Lets a restarted target on the same machine see at once that the run holding a claim is dead,
-    instead of waiting for the lease (which is what protects claims across machines).
-    """
-    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
-
-
-def holder_alive(run_id: str) -> bool:
-    """False only when ``run_id`` is provably a dead process on this machine."""
-    host, _, rest = run_id.partition("/")
-    pid_text = rest.partition("/")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return True  # another machine, or an old-style id: trust the lease
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _decide(
-    row: Mapping[str, Any] | None,
-    fingerprint: str,
-    run_id: str,
-    now: datetime,
-    alive: Callable[[str], bool] = holder_alive,
-) -> ClaimResult:
-    """The claim decision for one existing row (pure; shared by claim and peek)."""
-    if row is None:
-        return _SEND  # a new key, the usual case: one immutable result shared by all
-    if row["status"] == ACCEPTED:
-        return ClaimResult(Decision.DUPLICATE, operation_id=row["operation_id"])
-    if row["status"] == DEAD_LETTERED:
-        # An ambiguous key may have reached the driver: a changed body must not send it again
-        # (only an explicit re-drive --rearm reopens it, through the operation lookup).
-        if row["fingerprint"] == fingerprint or row["stage"] == "ambiguous":
-            return ClaimResult(
-                Decision.PREVIOUSLY_DEAD_LETTERED,
-                operation_id=row["operation_id"],
-                stage=row["stage"],
-            )
-        return ClaimResult(Decision.SEND, stage=row["stage"])
-    lease_until = row["lease_until"]
-    if (
-        row["run_id"] != run_id
-        and lease_until is not None
-        and lease_until > now
-        and alive(row["run_id"])
-    ):
-        return ClaimResult(
-            Decision.IN_PROGRESS_ELSEWHERE,
-            prior_claimed_at=row["claimed_at"],
-            prior_run_id=row["run_id"],
-        )
-    # Expired, or (should not happen) claimed again by this very run: either way nobody can tell
-    # whether a POST went out, so it is ambiguous rather than a plain SEND.
-    return ClaimResult(
-        Decision.RECOVER,
-        prior_claimed_at=row["ambiguous_since"] or row["claimed_at"],
-        prior_run_id=row["run_id"],
-    )
-
-
-_SEND = ClaimResult(Decision.SEND)
 
 
 def _utc(now: datetime | None) -> datetime:
@@ -991,40 +685,6 @@ class Ledger:
             )
 
 
-# What an outcome sets on an existing row (namespace and key identify it; claimed_at stays).
-_OUTCOME_COLUMNS = (
-    "status",
-    "fingerprint",
-    "operation_id",
-    "stage",
-    "attempts",
-    "connection_id",
-    "run_id",
-    "resolved_at",
-    "confirmed_status",
-    "updated_at",
-)
-# One statement for every batch: the expanding IN keeps SQLAlchemy's compiled form cached.
-_STATUSES = (
-    sa.select(C.namespace, C.key, C.status, C.run_id)
-    .where(
-        C.namespace == sa.bindparam("namespace"), C.key.in_(sa.bindparam("keys", expanding=True))
-    )
-    .order_by(C.namespace, C.key)
-    .with_for_update()  # rendered on PostgreSQL; SQLite holds the db lock
-)
-_STATEMENTS: dict[tuple[str, str], Any] = {}
-
-
-def _per_dialect(conn: Connection, name: str, build: Callable[[], T]) -> T:
-    """Statement ``name`` for this connection's dialect, built on first use."""
-    key = (conn.dialect.name, name)
-    stmt = _STATEMENTS.get(key)
-    if stmt is None:
-        stmt = _STATEMENTS[key] = build()
-    return stmt
-
-
 def _report_filter(
     query: sa.Select[Any],
     namespace: str | None,
@@ -1041,100 +701,8 @@ def _report_filter(
     return query
 
 
-def _create_table(conn: Connection) -> None:
-    # Two processes may start at once: serialise the check-and-create (SQLite: BEGIN IMMEDIATE).
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_ID)))
-    METADATA.create_all(conn, checkfirst=True)
-
-
 def _reason(exc: sa.exc.SQLAlchemyError) -> str:
     """The driver's own message, first line: no SQL, no parameters."""
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-# -- URLs and engines ---------------------------------------------------------------------------
-
-
-def _parse_url(url: str) -> URL:
-    try:
-        parsed = sa.make_url(url)
-    except (sa.exc.ArgumentError, ValueError):
-        # Never echo the URL: it may carry a password.
-        raise ConfigError(
-            "ledger_url is not a valid URL (sqlite:///PATH or postgresql://...)"
-        ) from None
-    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
-        return parsed
-    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
-        return parsed.set(drivername="postgresql+psycopg")
-    raise ConfigError(
-        f"ledger_url scheme {parsed.drivername!r} is not supported; "
-        "use sqlite:///PATH or postgresql://..."
-    )
-
-
-def _sqlite_engine(url: URL, *, read_only: bool) -> tuple[Engine | None, str]:
-    if not url.database or url.database == ":memory:" or url.query:
-        raise ConfigError("ledger_url for SQLite must be sqlite:///PATH to a file, without options")
-    path = Path(url.database).expanduser().absolute()
-    if read_only:
-        if not path.is_file():
-            return None, str(path)  # an empty ledger; a dry run creates nothing
-    else:
-        _secure_file(path)
-    uri = f"file:{urllib.parse.quote(str(path))}?mode={'ro' if read_only else 'rw'}"
-
-    def connect() -> sqlite3.Connection:
-        # isolation_level=None: SQLAlchemy's "begin" hook below emits BEGIN itself.
-        conn = sqlite3.connect(
-            uri,
-            uri=True,
-            timeout=_SQLITE_BUSY_SECONDS,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        if not read_only:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-        return conn
-
-    engine = sa.create_engine("sqlite+pysqlite://", creator=connect, poolclass=sa.pool.QueuePool)
-
-    @sa.event.listens_for(engine, "begin")
-    def begin(conn: Connection) -> None:
-        # IMMEDIATE takes the write lock up front: two processes serialise instead of failing
-        # with SQLITE_BUSY when a deferred reader tries to become a writer.
-        write = conn.get_execution_options().get(_WRITE_OPTION, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-    return engine, str(path)
-
-
-def _secure_file(path: Path) -> None:
-    """Create the file 0600 before SQLite sees it; narrow an existing one and its WAL files."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        os.close(fd)
-        for candidate in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-            if candidate.exists() and candidate.stat().st_mode & 0o077:
-                candidate.chmod(0o600)
-    except OSError as exc:
-        raise LedgerError(f"ledger at {path} cannot be created: {exc.strerror}") from exc
-
-
-def _postgresql_engine(url: URL, *, read_only: bool) -> tuple[Engine, str]:
-    shown = URL.create("postgresql", url.username, None, url.host, url.port, url.database)
-    location = shown.render_as_string(hide_password=False)
-    connect_args: dict[str, Any] = {"application_name": "target-catena-messages"}
-    if "connect_timeout" not in url.query:
-        connect_args["connect_timeout"] = 10
-    if read_only:  # the server refuses writes too, not just this class
-        given = url.query.get("options", "")
-        given = given if isinstance(given, str) else " ".join(given)
-        connect_args["options"] = f"{given} -c default_transaction_read_only=on".strip()
-    engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
-    return engine, location
