@@ -64,7 +64,9 @@ def _utc(now: datetime | None) -> datetime:
     return now.astimezone(timezone.utc)
 
 
-def _unique_keys(items: Sequence[ClaimRequest] | Sequence[LedgerOutcome]) -> dict[Key, Any]:
+def _unique_keys(
+    items: Sequence[ClaimRequest] | Sequence[LedgerOutcome] | Sequence[ConfirmedStatus],
+) -> dict[Key, Any]:
     by_key: dict[Key, Any] = {}
     for item in items:
         key = (item.namespace, item.key)
@@ -283,12 +285,7 @@ class Ledger:
             The number of rows changed.
         """
         self._require_writable("record_confirmations")
-        by_key: dict[Key, ConfirmedStatus] = {}
-        for update in updates:
-            key = (update.namespace, update.key)
-            if key in by_key:
-                raise ValueError(f"key {key!r} passed twice in one ledger call")
-            by_key[key] = update
+        by_key: dict[Key, ConfirmedStatus] = _unique_keys(updates)
         if not by_key:
             return 0
         at = _utc(now)
