@@ -109,8 +109,8 @@ class Run:
         self._validator = BodyValidator(
             settings.message_schema, allow_empty_message_text=settings.allow_empty_message_text
         )
-        self._shape = settings.shape_fingerprint()
-        self._shape_tail = b"," + jsonutil.canonical(self._shape) + b"]"  # see _fingerprint
+        shape = settings.shape_fingerprint()
+        self._shape_tail = b"," + jsonutil.canonical(shape) + b"]"  # see _fingerprint
         self._is_valid = self._validator.check_dict
         self._namespace = settings.ledger_namespace
         self.ledger = Ledger.open(
@@ -334,9 +334,9 @@ class Run:
                 )
             else:
                 m.body[target] = user_id
-        m.errors = errors or [e.as_dict() for e in self._validator.errors(m.body)]
+        m.errors = errors or self._body_errors(m.body)
         m.expired = m.expired and not m.errors
-        m.fingerprint = jsonutil.sha256_hex([m.body, self._shape])
+        m.fingerprint = self._fingerprint(m.body)
         m.lane = recipient_lane(m.body)
 
     def _decide_invalid(self, m: Message, result: ClaimResult) -> None:
