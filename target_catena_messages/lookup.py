@@ -235,9 +235,7 @@ class CatenaOperationLookup:
                     snap.last_read += 1
             except CatenaApiError as exc:
                 logger.warning("reading Catena's operation list failed: %s", exc)
-                if attempt + 1 == _LIST_ATTEMPTS or self._stop.wait(
-                    exc.retry_after or 2.0 * (attempt + 1)
-                ):
+                if self._give_up(attempt, exc.retry_after):
                     return False
                 continue
             snap.read_at = now
@@ -254,8 +252,10 @@ class CatenaOperationLookup:
             if answer.status == 404:
                 return None
             logger.warning("reading Catena's operation %s failed: %s", operation_id, answer.message)
-            if attempt + 1 == _LIST_ATTEMPTS or self._stop.wait(
-                answer.retry_after or 2.0 * (attempt + 1)
-            ):
+            if self._give_up(attempt, answer.retry_after):
                 break
         return _UNREADABLE
+
+    def _give_up(self, attempt: int, retry_after: float | None) -> bool:
+        """After failed read ``attempt``: out of attempts, or stopped while waiting to retry."""
+        return attempt + 1 == _LIST_ATTEMPTS or self._stop.wait(retry_after or 2.0 * (attempt + 1))
