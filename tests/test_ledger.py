@@ -291,7 +291,7 @@ def test_large_batches_are_chunked_and_paged(open_ledger: Callable[..., Ledger])
 def _crash_on_commit(url: str, op: str, payload: list[Any]) -> None:
     """Child process: run one claim/record and die (no cleanup) just before its COMMIT."""
     ledger = Ledger.open(url, run_id="run-crash", lease_seconds=LEASE)
-    sa.event.listen(ledger._engine, "commit", lambda _conn: os._exit(3))
+    sa.event.listen(ledger._store.engine, "commit", lambda _conn: os._exit(3))
     if op == "claim":
         ledger.claim(payload, now=at(2 * LEASE))
     else:
@@ -399,8 +399,8 @@ def test_sqlite_file_is_private(tmp_path: Path) -> None:
 
 def test_sqlite_uses_wal_and_full_sync(tmp_path: Path) -> None:
     with Ledger.open(f"sqlite:///{tmp_path}/l.sqlite", run_id="r") as ledger:
-        assert ledger._engine is not None
-        with ledger._engine.connect() as conn:
+        assert ledger._store.engine is not None
+        with ledger._store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
 
