@@ -22,8 +22,6 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from singer_sdk.configuration._dict_config import parse_environment_config
-
 from target_catena_messages import jsonutil
 from target_catena_messages.confirm import confirm_ledger
 from target_catena_messages.connect import client_from_settings
@@ -31,6 +29,7 @@ from target_catena_messages.dead_letters import read_dead_letters
 from target_catena_messages.errors import ConfigError, FatalError
 from target_catena_messages.ledger import Key, Ledger, new_run_id
 from target_catena_messages.redact import Redactor
+from target_catena_messages.sdk_compat import environment_config
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
 
 logger = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def load_config(sources: Sequence[str]) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for source in sources:
         if source == "ENV":
-            config.update(parse_environment_config(SETTINGS_SCHEMA, ENV_PREFIX))
+            config.update(environment_config(SETTINGS_SCHEMA, ENV_PREFIX))
             continue
         try:
             data = jsonutil.loads(Path(source).read_bytes())
