@@ -99,7 +99,7 @@ def test_new_key_is_claimed_and_held_against_other_runs(open_ledger: Callable[..
     assert row["connection_id"] == "conn-1"
 
     [held] = b.claim([req("k1")], now=at(LEASE - 1))
-    assert held == ClaimResult(ELSEWHERE, prior_claimed_at=T0, prior_run_id="run-a")
+    assert held == ClaimResult(ELSEWHERE, prior_claimed_at=T0)
     assert a.get(NS, "k1") == row  # the losing claim wrote nothing
 
 
@@ -161,19 +161,15 @@ def test_expired_lease_is_recovered_with_the_earliest_claim_time(
 ) -> None:
     a, b, c = open_ledger("run-a"), open_ledger("run-b"), open_ledger("run-c")
     a.claim([req("k1")], now=T0)
-    assert b.claim([req("k1")], now=at(LEASE)) == [
-        ClaimResult(RECOVER, prior_claimed_at=T0, prior_run_id="run-a")
-    ]
+    assert b.claim([req("k1")], now=at(LEASE)) == [ClaimResult(RECOVER, prior_claimed_at=T0)]
     row = b.get(NS, "k1")
     assert row is not None
     assert (row["run_id"], row["claimed_at"], row["ambiguous_since"]) == ("run-b", at(LEASE), T0)
     assert c.claim([req("k1")], now=at(LEASE + 1)) == [
-        ClaimResult(ELSEWHERE, prior_claimed_at=at(LEASE), prior_run_id="run-b")
+        ClaimResult(ELSEWHERE, prior_claimed_at=at(LEASE))
     ]
     # run-b died too: the window for the operation lookup still starts at run-a's claim.
-    assert c.claim([req("k1")], now=at(3 * LEASE)) == [
-        ClaimResult(RECOVER, prior_claimed_at=T0, prior_run_id="run-b")
-    ]
+    assert c.claim([req("k1")], now=at(3 * LEASE)) == [ClaimResult(RECOVER, prior_claimed_at=T0)]
     c.record([accepted("k1", "op-9")], now=at(3 * LEASE + 1))
     row = c.get(NS, "k1")
     assert row is not None
@@ -185,9 +181,7 @@ def test_claiming_a_key_this_run_already_holds_is_treated_as_ambiguous(
 ) -> None:
     a = open_ledger("run-a")
     a.claim([req("k1")], now=T0)
-    assert a.claim([req("k1")], now=at(1)) == [
-        ClaimResult(RECOVER, prior_claimed_at=T0, prior_run_id="run-a")
-    ]
+    assert a.claim([req("k1")], now=at(1)) == [ClaimResult(RECOVER, prior_claimed_at=T0)]
 
 
 def test_one_batch_mixes_every_decision_in_request_order(
@@ -257,9 +251,7 @@ def test_release_of_a_recovered_claim_keeps_it_ambiguous(
     a.claim([req("k1")], now=T0)
     assert decisions(b.claim([req("k1")], now=at(LEASE))) == [RECOVER]
     b.release([(NS, "k1")])  # b never sent, but run-a may have
-    assert c.claim([req("k1")], now=at(LEASE + 1)) == [
-        ClaimResult(RECOVER, prior_claimed_at=T0, prior_run_id="run-b")
-    ]
+    assert c.claim([req("k1")], now=at(LEASE + 1)) == [ClaimResult(RECOVER, prior_claimed_at=T0)]
 
 
 def test_operation_ids_in_use(open_ledger: Callable[..., Ledger]) -> None:
@@ -291,7 +283,7 @@ def test_large_batches_are_chunked_and_paged(open_ledger: Callable[..., Ledger])
 def _crash_on_commit(url: str, op: str, payload: list[Any]) -> None:
     """Child process: run one claim/record and die (no cleanup) just before its COMMIT."""
     ledger = Ledger.open(url, run_id="run-crash", lease_seconds=LEASE)
-    sa.event.listen(ledger._engine, "commit", lambda _conn: os._exit(3))
+    sa.event.listen(ledger._store.engine, "commit", lambda _conn: os._exit(3))
     if op == "claim":
         ledger.claim(payload, now=at(2 * LEASE))
     else:
@@ -399,8 +391,8 @@ def test_sqlite_file_is_private(tmp_path: Path) -> None:
 
 def test_sqlite_uses_wal_and_full_sync(tmp_path: Path) -> None:
     with Ledger.open(f"sqlite:///{tmp_path}/l.sqlite", run_id="r") as ledger:
-        assert ledger._engine is not None
-        with ledger._engine.connect() as conn:
+        assert ledger._store.engine is not None
+        with ledger._store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
 
@@ -616,10 +608,8 @@ class _TwoRuns(RuleBasedStateMachine):
             return ClaimResult(PREV if same else SEND, stage=row.stage)
         live = row.lease_until is not None and row.lease_until > self.now
         if live and row.run_id != run:
-            return ClaimResult(ELSEWHERE, prior_claimed_at=row.claimed_at, prior_run_id=row.run_id)
-        return ClaimResult(
-            RECOVER, prior_claimed_at=row.ambiguous_since or row.claimed_at, prior_run_id=row.run_id
-        )
+            return ClaimResult(ELSEWHERE, prior_claimed_at=row.claimed_at)
+        return ClaimResult(RECOVER, prior_claimed_at=row.ambiguous_since or row.claimed_at)
 
     @rule(
         run=st.sampled_from(RUNS),

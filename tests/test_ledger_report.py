@@ -23,14 +23,14 @@ from target_catena_messages.ledger import (
     LedgerOutcome,
     LedgerReadOnlyError,
 )
-from target_catena_messages.ledger_report import (
+from target_catena_messages.report_query import (
     Filters,
     build_report,
     category,
     count_table,
     parse_time,
-    render_text,
 )
+from target_catena_messages.report_render import render_text
 from tests.harness import run_target, sandbox_config, singer_lines
 from tests.pg import fresh_schema_url
 
@@ -380,6 +380,19 @@ def test_text_lists_what_the_json_holds(ledger: Ledger) -> None:
         lines.index("1 message(s) with status dead_lettered, ambiguous, pending, in_progress:") + 2
     ]
     assert row.split()[:5] == ["dead_lettered", "dispatch", "c", "validation", "-"]
+
+
+def test_text_is_rendered_from_the_json_form_alone(ledger: Ledger) -> None:
+    """The renderer reads only what --json prints: text cannot tell a different story."""
+    ledger.record([accepted("a", "op-a"), dead("c", "validation")], now=at(0))
+    ledger.claim([ClaimRequest(NS, "live", FP1, "c")], now=at(100))
+    redrives = [{"stream": NS, "key": "c", "at": at(50).isoformat(), "redrive_id": "r1"}]
+    report = build_report(
+        ledger, Filters(), letters={}, redrives=redrives, namespace=None, now=at(110)
+    )
+    as_json = json.loads(json.dumps(report))
+    assert render_text(as_json) == render_text(report)
+    assert any("Re-driven keys (1)" in line for line in render_text(as_json))
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path: Path) -> None:

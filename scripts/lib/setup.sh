@@ -1,8 +1,8 @@
 # Shared set-up for scripts/test and scripts/demo (sourced, not run).
 
-# A virtualenv with the package (editable, with the sandbox and postgres extras) and the test
-# dependency group. pip >= 25.1 knows
-# dependency groups; the venv's pip is upgraded first because distributions ship older ones.
+# A virtualenv with the package (editable, with the sandbox and postgres extras) and the test, lint
+# and typing dependency groups. pip >= 25.1 knows dependency groups; the venv's pip is upgraded
+# first because distributions ship older ones.
 ensure_venv() {
   if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
@@ -10,10 +10,22 @@ ensure_venv() {
   local stamp=.venv/.installed-$(cat pyproject.toml | python3 -c 'import hashlib,sys;print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])')
   if [[ ! -f $stamp ]]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=25.1"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[sandbox,postgres]" --group test
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[sandbox,postgres]" \
+      --group test --group lint --group typing
     rm -f .venv/.installed-*
     touch "$stamp"
   fi
+}
+
+# ruff (format check, then lint) and mypy (strict, configured in pyproject.toml), in that order;
+# each prints its findings and the first that has any stops the calling script (set -e).
+run_static_checks() {
+  echo "scripts: ruff format --check" >&2
+  .venv/bin/ruff format --check --quiet .
+  echo "scripts: ruff check" >&2
+  .venv/bin/ruff check --quiet .
+  echo "scripts: mypy" >&2
+  .venv/bin/mypy
 }
 
 # PostgreSQL for the ledger tests: TEST_PG_URL if set; else a server on 127.0.0.1:5432; else a

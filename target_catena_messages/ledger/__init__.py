@@ -18,13 +18,19 @@ POST happened. ``FULL`` fsyncs the WAL on every commit; we commit once per batch
 
 Only a hex fingerprint of each body is stored, never message text.
 
-The package, one job a module: ``records`` (values and errors), ``schema`` (the table and its
-shared statements), ``engines`` (URLs, SQLite and PostgreSQL engines), ``decision`` (the pure
-claim decision, run ids) and ``core`` (the :class:`Ledger` and its transactions).
+The package, one job a module: ``records`` (values and errors), ``schema`` (the table and the
+statement cache), ``engines`` (URLs, SQLite and PostgreSQL engines), ``store`` (transactions and
+the statements every job shares), ``decision`` (the pure claim decision, run ids), ``claims``
+(claiming, peeking, leases, releasing), ``outcomes`` (outcomes, confirmations, re-arming dead
+letters), ``reads`` (rows and counts for reports, re-drive and recovery) and ``core`` (the
+:class:`Ledger` that callers open, which hands each call to its job).
 """
 
+from target_catena_messages.ledger.claims import Claims
 from target_catena_messages.ledger.core import Ledger
 from target_catena_messages.ledger.decision import holder_alive, new_run_id
+from target_catena_messages.ledger.outcomes import Outcomes
+from target_catena_messages.ledger.reads import Reads
 from target_catena_messages.ledger.records import (
     ACCEPTED,
     CLAIMED,
@@ -52,6 +58,7 @@ __all__ = [
     "C",
     "ClaimRequest",
     "ClaimResult",
+    "Claims",
     "ConfirmedStatus",
     "Decision",
     "Key",
@@ -59,6 +66,8 @@ __all__ = [
     "LedgerError",
     "LedgerOutcome",
     "LedgerReadOnlyError",
+    "Outcomes",
+    "Reads",
     "holder_alive",
     "new_run_id",
     "retryable_fingerprint",

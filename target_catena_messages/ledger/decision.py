@@ -76,17 +76,11 @@ def _decide(
         and lease_until > now
         and alive(row["run_id"])
     ):
-        return ClaimResult(
-            Decision.IN_PROGRESS_ELSEWHERE,
-            prior_claimed_at=row["claimed_at"],
-            prior_run_id=row["run_id"],
-        )
+        return ClaimResult(Decision.IN_PROGRESS_ELSEWHERE, prior_claimed_at=row["claimed_at"])
     # Expired, or (should not happen) claimed again by this very run: either way nobody can tell
     # whether a POST went out, so it is ambiguous rather than a plain SEND.
     return ClaimResult(
-        Decision.RECOVER,
-        prior_claimed_at=row["ambiguous_since"] or row["claimed_at"],
-        prior_run_id=row["run_id"],
+        Decision.RECOVER, prior_claimed_at=row["ambiguous_since"] or row["claimed_at"]
     )
 
 

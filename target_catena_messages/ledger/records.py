@@ -76,7 +76,6 @@ class ClaimResult:
     operation_id: str | None = None
     stage: str | None = None
     prior_claimed_at: datetime | None = None
-    prior_run_id: str | None = None
 
 
 class _OutcomeFields(NamedTuple):
@@ -100,7 +99,7 @@ class LedgerOutcome(_OutcomeFields):
 
     __slots__ = ()
 
-    def __new__(  # noqa: PLR0917 - positional like the dataclass it replaced
+    def __new__(  # noqa: PLR0917 - positional like the named tuple's fields
         cls,
         namespace: str,
         key: str,
@@ -138,7 +137,7 @@ class LedgerOutcome(_OutcomeFields):
         )
 
 
-# -- issue 6: confirmation -------------------------------------------------------------------
+# -- confirmation -----------------------------------------------------------------------------
 
 CONFIRMATION_STATUSES = ("success", "failed", "pending")
 

@@ -1,7 +1,7 @@
-"""The ledger table, its column types and the statements shared by every ledger.
+"""The ledger table, its column types, and the per-dialect cache of statements built once.
 
-Separate so the one definition of the table (and the per-dialect statement cache, which must
-exist once per process) sits apart from the code that decides and writes claims.
+Separate so the one definition of the table (and the statement cache, which must exist once per
+process) sits apart from the jobs that read and write it, each of which holds its own statements.
 """
 
 from __future__ import annotations
@@ -94,28 +94,8 @@ TABLE = sa.Table(
 C = TABLE.c
 
 
-# What an outcome sets on an existing row (namespace and key identify it; claimed_at stays).
-_OUTCOME_COLUMNS = (
-    "status",
-    "fingerprint",
-    "operation_id",
-    "stage",
-    "attempts",
-    "connection_id",
-    "run_id",
-    "resolved_at",
-    "confirmed_status",
-    "updated_at",
-)
-# One statement for every batch: the expanding IN keeps SQLAlchemy's compiled form cached.
-_STATUSES = (
-    sa.select(C.namespace, C.key, C.status, C.run_id)
-    .where(
-        C.namespace == sa.bindparam("namespace"), C.key.in_(sa.bindparam("keys", expanding=True))
-    )
-    .order_by(C.namespace, C.key)
-    .with_for_update()  # rendered on PostgreSQL; SQLite holds the db lock
-)
+# Statements built once per process and dialect instead of once per batch, by (dialect, name);
+# their builders say what that saves.
 _STATEMENTS: dict[tuple[str, str], Any] = {}
 
 
