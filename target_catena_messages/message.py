@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from importlib import resources
-from typing import Any, Literal
+from typing import Any
 from uuid import UUID
 
 import fastjsonschema
 from jsonschema import Draft202012Validator, ValidationError
 
 from target_catena_messages import jsonutil
+from target_catena_messages.body import versions
+from target_catena_messages.body.versions import BodyVersion
 from target_catena_messages.errors import ConfigError
 
-SchemaVersion = Literal["source_ids", "catena_ids"]
-SCHEMA_VERSIONS: tuple[SchemaVersion, ...] = ("source_ids", "catena_ids")
+SchemaVersion = str  # a body version's name: one of versions.names()
+SCHEMA_VERSIONS: tuple[SchemaVersion, ...] = versions.names()
 MESSAGE_TEXT = "message_text"
 _SHOW_LIMIT = 80
 _UUID_RE = re.compile(
@@ -50,35 +50,35 @@ class FieldError:
 
 @dataclass(frozen=True)
 class BodyRules:
-    """The settings that shape a body; equal rules and records give equal bodies."""
+    """The settings that shape a body; equal rules and records give equal bodies.
 
-    message_schema: SchemaVersion = "source_ids"
+    What the version makes of them is worked out once here, so :func:`build_body` only reads
+    plain attributes per record.
+    """
+
+    message_schema: SchemaVersion = field(default_factory=lambda: versions.default().name)
     default_connection_id: str | None = None
     connection_id_by_fleet_ref: Mapping[str, str] = field(default_factory=dict)
     default_sender_id: str | None = None
     allow_empty_message_text: bool = False
+    version: BodyVersion = field(init=False, repr=False, compare=False)
+    # (body field, value): the version's setting fallbacks that are set
+    fills: tuple[tuple[str, Any], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.message_schema not in SCHEMA_VERSIONS:
-            raise ValueError(f"unknown message_schema {self.message_schema!r}")
+        version = versions.get(self.message_schema)
+        object.__setattr__(self, "version", version)
+        fills = tuple(
+            (name, value)
+            for name, setting in version.setting_defaults.items()
+            if (value := getattr(self, setting)) is not None
+        )
+        object.__setattr__(self, "fills", fills)
 
 
-@functools.cache
 def load_schema(version: SchemaVersion) -> Mapping[str, Any]:
     """The selected body schema from package data, read once (treat as read-only)."""
-    text = resources.files("target_catena_messages.schemas").joinpath(f"{version}.json").read_text()
-    schema: dict[str, Any] = json.loads(text)
-    return schema
-
-
-@functools.cache
-def _field_order(version: SchemaVersion) -> tuple[str, ...]:
-    return tuple(load_schema(version)["properties"])
-
-
-def body_fields(version: SchemaVersion) -> frozenset[str]:
-    """The names a body of this version may contain; every other record field stays home."""
-    return frozenset(_field_order(version))
+    return versions.get(version).schema
 
 
 def _fleet_key(value: Any) -> str | None:
@@ -91,33 +91,30 @@ def _fleet_key(value: Any) -> str | None:
 
 
 def build_body(record: Mapping[str, Any], rules: BodyRules) -> dict[str, Any]:
-    """The request body: the record's schema fields (None left out) plus id fallbacks.
+    """The request body: the record's schema fields (None left out) plus the version's fallbacks.
 
     Values pass through untouched, so validation sees exactly what would be sent.
     """
-    body = {
-        name: value
-        for name in _field_order(rules.message_schema)
-        if (value := record.get(name)) is not None
-    }
-    if "connection_id" not in body:
-        fleet = _fleet_key(record.get("fleet_ref"))
+    version = rules.version
+    body = {name: value for name in version.field_order if (value := record.get(name)) is not None}
+    if (connection_field := version.connection_field) not in body:
+        fleet = _fleet_key(record.get(version.fleet_field))
         mapped = rules.connection_id_by_fleet_ref.get(fleet) if fleet is not None else None
         connection_id = mapped if mapped is not None else rules.default_connection_id
         if connection_id is not None:
-            body["connection_id"] = connection_id
-    if (
-        rules.message_schema == "catena_ids"
-        and "sender_id" not in body
-        and rules.default_sender_id is not None
-    ):
-        body["sender_id"] = rules.default_sender_id
+            body[connection_field] = connection_id
+    for name, value in rules.fills:  # empty for most versions
+        if name not in body:
+            body[name] = value
     return body
 
 
 @functools.lru_cache(maxsize=4096)  # a stream repeats its few connection and user ids
-def _is_uuid(value: str) -> bool:
-    """The ``uuid`` format rule of jsonschema, with the canonical form as a fast first try."""
+def is_uuid(value: str) -> bool:
+    """The ``uuid`` format rule of jsonschema, with the canonical form as a fast first try.
+
+    The one uuid check of the project: bodies and the settings that fill them agree.
+    """
     if _UUID_RE.fullmatch(value):
         return True
     try:
@@ -147,7 +144,7 @@ def _fast_check(version: SchemaVersion, allow_empty: bool) -> Callable[[dict[str
         schema_check = _table_check(*plan)
     else:
         compiled = fastjsonschema.compile(
-            dict(schema), formats={"uuid": _is_uuid}, use_default=False
+            dict(schema), formats={"uuid": is_uuid}, use_default=False
         )
         invalid = fastjsonschema.JsonSchemaValueException
 
@@ -205,7 +202,7 @@ def _field_rule(sub: Mapping[str, Any]) -> _Rule | None:
         allowed = frozenset(v for v in sub["enum"] if v is not None)
         return types, lambda v: isinstance(v, str) and v in allowed, None in sub["enum"]
     if keyword == "format" and sub["format"] == "uuid":
-        return types, lambda v: not isinstance(v, str) or _is_uuid(v), True
+        return types, lambda v: not isinstance(v, str) or is_uuid(v), True
     if keyword == "items" and isinstance(sub["items"], dict) and set(sub["items"]) == {"type"}:
         item_types = _py_types(sub["items"])
         if item_types is None:
@@ -317,9 +314,10 @@ class BodyValidator:
 
     __slots__ = ("_allow_empty", "_check", "version")
 
-    def __init__(self, version: SchemaVersion, *, allow_empty_message_text: bool = False) -> None:
-        if version not in SCHEMA_VERSIONS:
-            raise ValueError(f"unknown message_schema {version!r}")
+    def __init__(
+        self, version: SchemaVersion | BodyVersion, *, allow_empty_message_text: bool = False
+    ) -> None:
+        version = version.name if isinstance(version, BodyVersion) else versions.get(version).name
         self.version = version
         self._allow_empty = allow_empty_message_text
         self._check = _fast_check(version, allow_empty_message_text)
@@ -392,15 +390,24 @@ def body_hash_key(body: Mapping[str, Any]) -> str:
     return jsonutil.sha256_hex(body)
 
 
-def recipient_lane(body: Mapping[str, Any]) -> str:
-    """The ordering lane (contract §3): same (connection, recipient), same lane, one at a time."""
-    connection = body.get("connection_id") or ""
-    if (recipient := body.get("recipient_id")) is not None:
-        return f"{connection}|{recipient}"
-    ids = body.get("source_recipient_ids")
-    if isinstance(ids, list) and ids:
-        return f"{connection}|{jsonutil.dumps(sorted(ids, key=str))}"
-    return f"{connection}|{body.get('recipient_group') or ''}"
+def recipient_lane(body: Mapping[str, Any], version: BodyVersion | None = None) -> str:
+    """The ordering lane: same (connection, recipient), same lane, one message at a time.
+
+    Prefer ``version.lane``; without a version the lane fields of every version are tried (a
+    body holds the fields of one version only, so the result is the same).
+    """
+    return (version or _ANY_VERSION).lane(body)
+
+
+class _AnyVersion(BodyVersion):
+    """Lanes for a caller that does not say its version (not registered: it has no name)."""
+
+    lane_fields = tuple(
+        dict.fromkeys(name for v in map(versions.get, SCHEMA_VERSIONS) for name in v.lane_fields)
+    )
+
+
+_ANY_VERSION = _AnyVersion()
 
 
 def check_stream_schema(

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 from singer_sdk import typing as th
 
 from target_catena_messages import jsonutil
+from target_catena_messages.body import versions
+from target_catena_messages.body.versions import BodyVersion
 from target_catena_messages.catena.auth import is_loopback
 from target_catena_messages.errors import ConfigError
 
@@ -25,11 +27,14 @@ DEFAULT_AUTH_URL = "https://auth.catenatelematics.com/realms/catena/protocol/ope
 DEFAULT_API_URL = "https://api.catenatelematics.com"
 STATE_DIR = Path(".meltano") / "target-catena-messages"
 
-SchemaVersion = Literal["source_ids", "catena_ids"]
-
 
 def _p(name: str, kind: Any, description: str, **kwargs: Any) -> th.Property[Any]:
     return th.Property(name, kind, description=description, **kwargs)
+
+
+def _only(setting: str, description: str) -> str:
+    """A version-specific setting's description, naming the versions that use it."""
+    return f"{' or '.join(versions.allowing(setting))} only: {description}"
 
 
 SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
@@ -56,9 +61,11 @@ SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
     _p(
         "message_schema",
         th.StringType,
-        "Create Message body to build: source_ids (original spec) or catena_ids (current).",
-        default="source_ids",
-        allowed_values=["source_ids", "catena_ids"],
+        "Create Message body to build: "
+        + "; ".join(f"{v.name} ({v.summary})" for v in versions.all_versions())
+        + ".",
+        default=versions.default().name,
+        allowed_values=list(versions.names()),
     ),
     _p("default_connection_id", th.UUIDType, "connection_id when a record has none."),
     _p(
@@ -66,8 +73,12 @@ SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
         th.ObjectType(additional_properties=th.UUIDType),
         "Map fleet_ref -> connection_id, used when a record has no connection_id.",
     ),
-    _p("default_sender_id", th.UUIDType, "catena_ids only: sender_id when a record has none."),
-    _p("is_sync", th.BooleanType, "catena_ids only: send ?is_sync=true.", default=False),
+    _p(
+        "default_sender_id",
+        th.UUIDType,
+        _only("default_sender_id", "sender_id when a record has none."),
+    ),
+    _p("is_sync", th.BooleanType, _only("is_sync", "send ?is_sync=true."), default=False),
     _p("max_concurrency", th.IntegerType, "Hard cap on requests in flight.", default=8),
     _p(
         "max_requests_per_second",
@@ -149,7 +160,7 @@ class Settings:
     auth_url: str = DEFAULT_AUTH_URL
     api_url: str = DEFAULT_API_URL
     scope: str = "organization"
-    message_schema: SchemaVersion = "source_ids"
+    message_schema: str = field(default_factory=lambda: versions.default().name)
     default_connection_id: str | None = None
     connection_id_by_fleet_ref: Mapping[str, str] = field(default_factory=dict)
     default_sender_id: str | None = None
@@ -174,6 +185,11 @@ class Settings:
     dry_run: bool = False
     confirm_operations: bool = False
     confirm_timeout_seconds: float = 300.0
+
+    @property
+    def body_version(self) -> BodyVersion:
+        """The body version ``message_schema`` names (checked by :meth:`from_config`)."""
+        return versions.get(self.message_schema)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -229,6 +245,11 @@ class Settings:
 
     def _problems(self) -> list[str]:
         problems: list[str] = []
+        if self.message_schema not in versions.names():
+            problems.append(
+                f"message_schema must be one of {', '.join(versions.names())}, "
+                f"got {self.message_schema!r}"
+            )
         if (
             not (self.client_id and self.client_secret)
             and not self.access_token
