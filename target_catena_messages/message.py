@@ -309,6 +309,18 @@ def _describe(error: ValidationError) -> tuple[str | None, str, list[FieldError]
     return name, kind if not prefix else "item", [FieldError(name, prefix + message)]
 
 
+def value_problems(version: SchemaVersion | BodyVersion, field: str, value: Any) -> list[str]:
+    """What the version's schema says is wrong with ``value`` as the body's ``field``.
+
+    For a setting that fills a body field: it is checked at start by the very rule each body
+    will meet, so a bad value is one configuration error, not a dead letter per record.
+    """
+    version = version if isinstance(version, BodyVersion) else versions.get(version)
+    sub = version.schema["properties"][field]
+    validator = Draft202012Validator(sub, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return [item.message for error in validator.iter_errors(value) for item in _describe(error)[2]]
+
+
 class BodyValidator:
     """Validates bodies of one version against the spec plus the message_text rule."""
 

@@ -8,7 +8,6 @@ every mistake in one go instead of one per run.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from target_catena_messages.body import versions
 from target_catena_messages.body.versions import BodyVersion
 from target_catena_messages.catena.auth import is_loopback
 from target_catena_messages.errors import ConfigError
+from target_catena_messages.message import value_problems
 
 DEFAULT_AUTH_URL = "https://auth.catenatelematics.com/realms/catena/protocol/openid-connect/token"
 DEFAULT_API_URL = "https://api.catenatelematics.com"
@@ -262,13 +262,8 @@ class Settings:
             problem = _url_problem(name, getattr(self, name))
             if problem:
                 problems.append(problem)
-        for name in ("default_connection_id", "default_sender_id"):
-            value = getattr(self, name)
-            if value is not None and not _is_uuid(value):
-                problems.append(f"{name} must be a uuid, got {value!r}")
-        for ref, conn in self.connection_id_by_fleet_ref.items():
-            if not _is_uuid(conn):
-                problems.append(f"connection_id_by_fleet_ref[{ref!r}] must be a uuid, got {conn!r}")
+        if self.message_schema in versions.names():
+            problems.extend(self._body_problems(self.body_version))
         for name, low, inclusive in _BOUNDS:
             value = getattr(self, name)
             if value is not None and (value < low or (value == low and not inclusive)):
@@ -276,6 +271,33 @@ class Settings:
                 problems.append(f"{name} must be {relation} {low}, got {value}")
         if not self.ledger_url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
             problems.append("ledger_url must start with sqlite:/// or postgresql://")
+        return problems
+
+    def _body_problems(self, version: BodyVersion) -> list[str]:
+        """The settings that fill body fields, checked with the body's own rules."""
+        problems = [
+            f"{setting} applies to message_schema {' or '.join(versions.allowing(setting))} "
+            f"only (message_schema is {version.name})"
+            for setting in sorted(versions.version_settings() - version.allowed_settings)
+            if getattr(self, setting)
+        ]
+        fills: list[tuple[str, str, Any]] = [
+            (f"connection_id_by_fleet_ref[{ref!r}]", version.connection_field, value)
+            for ref, value in self.connection_id_by_fleet_ref.items()
+        ]
+        fills.append(
+            ("default_connection_id", version.connection_field, self.default_connection_id)
+        )
+        fills.extend(
+            (setting, field, getattr(self, setting))
+            for field, setting in version.setting_defaults.items()
+        )
+        problems.extend(
+            f"{setting} {problem}"
+            for setting, field, value in fills
+            if value is not None
+            for problem in value_problems(version, field, value)
+        )
         return problems
 
 
@@ -292,14 +314,6 @@ _BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("confirm_timeout_seconds", 0, True),
     ("max_requests_per_second", 0, False),
 )
-
-
-def _is_uuid(value: object) -> bool:
-    try:
-        uuid.UUID(str(value))
-    except ValueError:
-        return False
-    return True
 
 
 def _url_problem(name: str, url: str) -> str | None:
