@@ -12,14 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from singer_sdk import typing as th
 
 from target_catena_messages import jsonutil
 from target_catena_messages.body import versions
 from target_catena_messages.body.versions import BodyVersion
-from target_catena_messages.catena.auth import is_loopback
+from target_catena_messages.catena.auth import require_safe_url
 from target_catena_messages.errors import ConfigError
 from target_catena_messages.message import value_problems
 
@@ -259,9 +258,10 @@ class Settings:
                 "client_id and client_secret are required (or access_token, or dry_run: true)"
             )
         for name in ("api_url", "auth_url"):
-            problem = _url_problem(name, getattr(self, name))
-            if problem:
-                problems.append(problem)
+            try:
+                require_safe_url(getattr(self, name), name)
+            except ConfigError as exc:
+                problems.append(str(exc))
         if self.message_schema in versions.names():
             problems.extend(self._body_problems(self.body_version))
         for name, low, inclusive in _BOUNDS:
@@ -314,17 +314,3 @@ _BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("confirm_timeout_seconds", 0, True),
     ("max_requests_per_second", 0, False),
 )
-
-
-def _url_problem(name: str, url: str) -> str | None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        return f"{name} must be an https:// URL, got {url!r}"
-    if parts.username or parts.password:
-        return f"{name} must not carry credentials"
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
-        return (
-            f"{name} uses http:// for {parts.hostname}: plain http is allowed only for loopback "
-            "(127.0.0.1, ::1, localhost); use https://"
-        )
-    return None
