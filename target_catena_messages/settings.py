@@ -27,6 +27,29 @@ DEFAULT_API_URL = "https://api.catenatelematics.com"
 STATE_DIR = Path(".meltano") / "target-catena-messages"
 
 
+@dataclass(frozen=True)
+class DefaultPaths:
+    """Where the target's files live when the settings do not say."""
+
+    dead_letter_path: Path
+    ledger_url: str
+
+
+def default_paths(env: Mapping[str, str]) -> DefaultPaths:
+    """The default file locations for this environment (the one place that decides them).
+
+    Inside a Meltano project (``MELTANO_PROJECT_ROOT`` set and not empty) the files live with
+    Meltano's own state under ``.meltano/``; otherwise in the working directory.
+    """
+    root = env.get("MELTANO_PROJECT_ROOT")
+    if not root:
+        return DefaultPaths(Path("catena-dead-letters.jsonl"), "sqlite:///catena-ledger.sqlite")
+    directory = Path(root) / STATE_DIR
+    return DefaultPaths(
+        directory / "dead-letters.jsonl", f"sqlite:///{directory / 'ledger.sqlite'}"
+    )
+
+
 def _p(name: str, kind: Any, description: str, **kwargs: Any) -> th.Property[Any]:
     return th.Property(name, kind, description=description, **kwargs)
 
@@ -177,8 +200,8 @@ class Settings:
     allow_empty_message_text: bool = False
     on_invalid_record: Literal["dead_letter", "fail"] = "dead_letter"
     allow_dead_letters: bool = False
-    dead_letter_path: Path = Path("catena-dead-letters.jsonl")
-    ledger_url: str = "sqlite:///catena-ledger.sqlite"
+    dead_letter_path: Path = field(default_factory=lambda: default_paths({}).dead_letter_path)
+    ledger_url: str = field(default_factory=lambda: default_paths({}).ledger_url)
     ledger_namespace: str | None = None
     allow_body_hash_keys: bool = False
     dry_run: bool = False
@@ -218,13 +241,12 @@ class Settings:
         env = os.environ if env is None else env
         known = {k: v for k, v in config.items() if k in cls.__dataclass_fields__ and v is not None}
         problems: list[str] = []
-        root = env.get("MELTANO_PROJECT_ROOT")
+        defaults = default_paths(env)
         if "dead_letter_path" in known:
             known["dead_letter_path"] = Path(str(known["dead_letter_path"])).expanduser()
-        elif root:
-            known["dead_letter_path"] = Path(root) / STATE_DIR / "dead-letters.jsonl"
-        if "ledger_url" not in known and root:
-            known["ledger_url"] = f"sqlite:///{Path(root) / STATE_DIR / 'ledger.sqlite'}"
+        else:
+            known["dead_letter_path"] = defaults.dead_letter_path
+        known.setdefault("ledger_url", defaults.ledger_url)
         for name in (
             "request_timeout_seconds",
             "max_retry_seconds",
