@@ -10,6 +10,7 @@ with 429s.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -21,20 +22,33 @@ from target_catena_messages.body import versions
 from target_catena_messages.body.versions import BodyVersion, UserIdField
 from target_catena_messages.catena.client import CatenaClient
 from target_catena_messages.catena.errors import CatenaApiError
+from target_catena_messages.message import BodyValidator
 from target_catena_messages.retry import FailureKind
 
 logger = logging.getLogger(__name__)
 
 _ATTEMPTS = 5
+# Stands in for a user id not yet resolved, so the rest of a body can be validated before any
+# lookup (and a dry run can validate without one); a v4 uuid no Catena user has.
+PLACEHOLDER_USER_ID = "00000000-0000-4000-8000-000000000000"
 
 
 @dataclass(frozen=True)
 class Wanted:
-    """What one record needs resolved (pure result of :func:`wanted`)."""
+    """What one record needs resolved (pure result of :func:`wanted`).
+
+    ``errors`` not empty: the record cannot be sent whatever the lookup finds (unusable provider
+    ids, or body errors besides the missing user ids), so it must not be looked up.
+    """
 
     sender: str | None = None
     recipient: str | None = None
-    error: dict[str, Any] | None = None  # a dead-letter error when the record's ids are unusable
+    errors: tuple[dict[str, Any], ...] = ()  # dead-letter errors, provider id errors first
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """The first of :attr:`errors`, or None when the record may be looked up."""
+        return self.errors[0] if self.errors else None
 
     @property
     def any(self) -> bool:
@@ -69,16 +83,30 @@ def _resolving_version() -> BodyVersion:
     return next(v for v in versions.all_versions() if v.resolves_user_ids)
 
 
+@functools.cache
+def _schema_validator(version: BodyVersion) -> BodyValidator:
+    # The schema alone: without the run's settings, the message_text rule is left to the caller.
+    return BodyValidator(version, allow_empty_message_text=True)
+
+
 def wanted(
-    record: Mapping[str, Any], body: Mapping[str, Any], version: BodyVersion | None = None
+    record: Mapping[str, Any],
+    body: Mapping[str, Any],
+    version: BodyVersion | None = None,
+    validator: BodyValidator | None = None,
 ) -> Wanted:
     """Which provider ids a record needs resolved: only where the body has no Catena id.
 
-    ``version`` defaults to the registry's first version with user ids to resolve.
+    A record that needs some is validated first, with placeholders for the ids to resolve, so
+    that only a record whose body can be sent is ever looked up: the users query carries the
+    record's connection_id, and a malformed one is the record's fault (a validation dead
+    letter), not a refusal by Catena. ``version`` defaults to the registry's first version with
+    user ids to resolve; ``validator`` (the run's) to that version's schema alone.
     """
     version = version or _resolving_version()
     found: dict[str, str | None] = {}
-    error = None
+    errors: list[dict[str, Any]] = []
+    pending: list[str] = []  # body fields whose user id comes from a provider id
     for field in version.user_ids:
         # A provider id on the record beats a setting's default (which build_body applied).
         if field.body_field not in body or (
@@ -86,9 +114,21 @@ def wanted(
             and field.source_field in record
             and record.get(field.body_field) is None
         ):
-            found[field.role], field_error = _one_id(record, field, version)
-            error = error or field_error
-    return Wanted(found.get("sender"), found.get("recipient"), error)
+            source_id, field_error = _one_id(record, field, version)
+            if field_error is not None:
+                errors.append(field_error)
+            elif source_id is None:
+                continue
+            found[field.role] = source_id
+            pending.append(field.body_field)
+    if not pending:  # nothing to look up: the caller validates the body as it is
+        return Wanted()
+    probe = dict(body)
+    for name in pending:
+        probe[name] = PLACEHOLDER_USER_ID
+    check = validator or _schema_validator(version)
+    errors.extend(e.as_dict() for e in check.errors(probe))
+    return Wanted(found.get("sender"), found.get("recipient"), tuple(errors))
 
 
 class UserResolver:
