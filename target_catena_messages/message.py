@@ -1,9 +1,10 @@
 """From a mapped record to a Create Message body: build it, validate it, key it, time it.
 
-Everything here is pure (the two schema files are read once), so the sink can call it per record
-and the tests can try every combination. Validation has two speeds: a compiled fastjsonschema check
-decides valid/invalid for every record; only an invalid body pays for the jsonschema pass that lists
-*every* failing field, because a dead letter naming one problem at a time costs one run per problem.
+Everything here is pure (each body version's schema file is read once), so the sink can call it
+per record and the tests can try every combination. Validation has two speeds: a compiled
+fastjsonschema check decides valid/invalid for every record; only an invalid body pays for the
+jsonschema pass that lists *every* failing field, because a dead letter naming one problem at a
+time costs one run per problem.
 The two agree by construction: both use jsonschema's own ``uuid`` rule (fastjsonschema's stricter
 regex alone would let them disagree on lax forms such as a trailing ``}``).
 """
@@ -44,7 +45,7 @@ class FieldError:
     message: str
 
     def as_dict(self) -> dict[str, str | None]:
-        """The dead-letter ``errors`` item (contract §5)."""
+        """The dead-letter ``errors`` item."""
         return {"field": self.field, "message": self.message}
 
 

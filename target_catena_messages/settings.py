@@ -131,7 +131,7 @@ SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
         "operation_lookup_lag_seconds",
         th.NumberType,
         "How long a new operation may take to appear in Catena's operation list; an ambiguous "
-        "send is looked up only after this (addition to the contract).",
+        "send is looked up only after this.",
         default=30,
     ),
     _p("message_time_field", th.StringType, "Record field with the message's creation time."),
@@ -174,7 +174,7 @@ SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
 
 @dataclass(frozen=True)
 class Settings:
-    """The validated settings, with contract defaults applied."""
+    """The validated settings, with the documented defaults applied."""
 
     client_id: str | None = None
     client_secret: str | None = None
@@ -221,7 +221,7 @@ class Settings:
     def shape_fingerprint(self) -> str:
         """Hash of the settings that decide what is sent, beyond the body itself.
 
-        A dead-lettered key is retried only when its body or these changed (contract §3).
+        A dead-lettered key is retried only when its body or these changed.
         """
         return jsonutil.sha256_hex(
             [
