@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from target_catena_messages.body import versions
+from target_catena_messages.body.validate import BodyValidator
 from target_catena_messages.body.versions import BodyVersion, UserIdField
 from target_catena_messages.catena.client import CatenaClient
 from target_catena_messages.catena.errors import CatenaApiError
-from target_catena_messages.message import BodyValidator
 from target_catena_messages.retry import FailureKind
 
 logger = logging.getLogger(__name__)

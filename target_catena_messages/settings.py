@@ -17,10 +17,10 @@ from singer_sdk import typing as th
 
 from target_catena_messages import jsonutil
 from target_catena_messages.body import versions
+from target_catena_messages.body.validate import value_problems
 from target_catena_messages.body.versions import BodyVersion
 from target_catena_messages.catena.auth import require_safe_url
 from target_catena_messages.errors import ConfigError
-from target_catena_messages.message import value_problems
 
 DEFAULT_AUTH_URL = "https://auth.catenatelematics.com/realms/catena/protocol/openid-connect/token"
 DEFAULT_API_URL = "https://api.catenatelematics.com"
