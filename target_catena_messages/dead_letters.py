@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from target_catena_messages import jsonutil
+from target_catena_messages.settings import default_paths
 
 logger = logging.getLogger(__name__)
 
@@ -209,15 +210,8 @@ def read_dead_letters(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def default_dead_letter_path(env: Mapping[str, str]) -> Path:
-    """The contract's default ``dead_letter_path`` for this environment.
-
-    Inside a Meltano project the file lives with Meltano's own state under ``.meltano/``;
-    otherwise it is relative to the working directory.
-    """
-    root = env.get("MELTANO_PROJECT_ROOT")
-    if root:
-        return Path(root) / ".meltano" / "target-catena-messages" / "dead-letters.jsonl"
-    return Path("catena-dead-letters.jsonl")
+    """The default ``dead_letter_path`` for this environment (see ``settings.default_paths``)."""
+    return default_paths(env).dead_letter_path
 
 
 def _field_name(field: Any) -> str | None:

@@ -1,363 +1,53 @@
-"""From a mapped record to a Create Message body: build it, validate it, key it, time it.
+"""From a mapped record to a Message's parts: its key, its time, its stream's checks.
 
-Everything here is pure (the two schema files are read once), so the sink can call it per record
-and the tests can try every combination. Validation has two speeds: a compiled fastjsonschema check
-decides valid/invalid for every record; only an invalid body pays for the jsonschema pass that lists
-*every* failing field, because a dead letter naming one problem at a time costs one run per problem.
-The two agree by construction: both use jsonschema's own ``uuid`` rule (fastjsonschema's stricter
-regex alone would let them disagree on lax forms such as a trailing ``}``).
+Everything here is pure. The body itself is built and validated in ``body/``; its names are
+re-exported here for callers that import them from this module.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import json
-import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from importlib import resources
-from typing import Any, Literal
-from uuid import UUID
-
-import fastjsonschema
-from jsonschema import Draft202012Validator, ValidationError
+from typing import Any
 
 from target_catena_messages import jsonutil
+from target_catena_messages.body.build import (
+    SCHEMA_VERSIONS,
+    BodyRules,
+    build_body,
+    recipient_lane,
+)
+from target_catena_messages.body.validate import (
+    MESSAGE_TEXT,
+    BodyValidator,
+    FieldError,
+    SchemaVersion,
+    _show,
+    is_uuid,
+    load_schema,
+    value_problems,
+)
 from target_catena_messages.errors import ConfigError
 
-SchemaVersion = Literal["source_ids", "catena_ids"]
-SCHEMA_VERSIONS: tuple[SchemaVersion, ...] = ("source_ids", "catena_ids")
-MESSAGE_TEXT = "message_text"
-_SHOW_LIMIT = 80
-_UUID_RE = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
-
-
-@dataclass(frozen=True)
-class FieldError:
-    """One problem with one body field (``field`` None: the body as a whole)."""
-
-    field: str | None
-    message: str
-
-    def as_dict(self) -> dict[str, str | None]:
-        """The dead-letter ``errors`` item (contract §5)."""
-        return {"field": self.field, "message": self.message}
-
-
-@dataclass(frozen=True)
-class BodyRules:
-    """The settings that shape a body; equal rules and records give equal bodies."""
-
-    message_schema: SchemaVersion = "source_ids"
-    default_connection_id: str | None = None
-    connection_id_by_fleet_ref: Mapping[str, str] = field(default_factory=dict)
-    default_sender_id: str | None = None
-    allow_empty_message_text: bool = False
-
-    def __post_init__(self) -> None:
-        if self.message_schema not in SCHEMA_VERSIONS:
-            raise ValueError(f"unknown message_schema {self.message_schema!r}")
-
-
-@functools.cache
-def load_schema(version: SchemaVersion) -> Mapping[str, Any]:
-    """The selected body schema from package data, read once (treat as read-only)."""
-    text = resources.files("target_catena_messages.schemas").joinpath(f"{version}.json").read_text()
-    schema: dict[str, Any] = json.loads(text)
-    return schema
-
-
-@functools.cache
-def _field_order(version: SchemaVersion) -> tuple[str, ...]:
-    return tuple(load_schema(version)["properties"])
-
-
-def body_fields(version: SchemaVersion) -> frozenset[str]:
-    """The names a body of this version may contain; every other record field stays home."""
-    return frozenset(_field_order(version))
-
-
-def _fleet_key(value: Any) -> str | None:
-    # fleet_ref may arrive as a number (a Decimal from JSON); the map's keys are always strings.
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def build_body(record: Mapping[str, Any], rules: BodyRules) -> dict[str, Any]:
-    """The request body: the record's schema fields (None left out) plus id fallbacks.
-
-    Values pass through untouched, so validation sees exactly what would be sent.
-    """
-    body = {
-        name: value
-        for name in _field_order(rules.message_schema)
-        if (value := record.get(name)) is not None
-    }
-    if "connection_id" not in body:
-        fleet = _fleet_key(record.get("fleet_ref"))
-        mapped = rules.connection_id_by_fleet_ref.get(fleet) if fleet is not None else None
-        connection_id = mapped if mapped is not None else rules.default_connection_id
-        if connection_id is not None:
-            body["connection_id"] = connection_id
-    if (
-        rules.message_schema == "catena_ids"
-        and "sender_id" not in body
-        and rules.default_sender_id is not None
-    ):
-        body["sender_id"] = rules.default_sender_id
-    return body
-
-
-@functools.lru_cache(maxsize=4096)  # a stream repeats its few connection and user ids
-def _is_uuid(value: str) -> bool:
-    """The ``uuid`` format rule of jsonschema, with the canonical form as a fast first try."""
-    if _UUID_RE.fullmatch(value):
-        return True
-    try:
-        UUID(value)
-    except ValueError:
-        return False
-    return all(value[position] == "-" for position in (8, 13, 18, 23))
-
-
-def _text_problem(body: Mapping[str, Any]) -> str | None:
-    """The project's rule: message_text present and not blank; None when it holds (or is no str)."""
-    hint = "(set allow_empty_message_text to send messages without text)"
-    if MESSAGE_TEXT not in body or body[MESSAGE_TEXT] is None:
-        return f"message_text is {'null' if MESSAGE_TEXT in body else 'missing'} {hint}"
-    text = body[MESSAGE_TEXT]
-    if isinstance(text, str) and not text.strip():
-        return f"message_text is blank, got {_show(text)}"
-    return None
-
-
-@functools.cache
-def _fast_check(version: SchemaVersion, allow_empty: bool) -> Callable[[dict[str, Any]], bool]:
-    """The valid/invalid verdict: the schema's rules table when it has one, else fastjsonschema."""
-    schema = load_schema(version)
-    plan = _rules_table(schema)
-    if plan is not None:
-        schema_check = _table_check(*plan)
-    else:
-        compiled = fastjsonschema.compile(
-            dict(schema), formats={"uuid": _is_uuid}, use_default=False
-        )
-        invalid = fastjsonschema.JsonSchemaValueException
-
-        def schema_check(body: dict[str, Any]) -> bool:
-            try:
-                compiled(body)
-            except invalid:
-                return False
-            return True
-
-    if allow_empty:
-        return schema_check
-
-    def check(body: dict[str, Any]) -> bool:
-        if not schema_check(body):
-            return False
-        text = body.get(MESSAGE_TEXT)
-        return isinstance(text, str) and bool(text.strip())
-
-    return check
-
-
-# The rules table: what fastjsonschema's code does for the few keywords the two body schemas use,
-# without its per-call sets and exceptions (half the cost per record). A schema using anything
-# else gets fastjsonschema itself. Types map to Python exactly as fastjsonschema maps them.
-_ANNOTATIONS = frozenset({"$schema", "$comment", "title", "description", "examples", "default"})
-_PY_TYPES: Mapping[str, tuple[type, ...]] = {
-    "string": (str,),
-    "null": (type(None),),
-    "array": (list, tuple),
-    "object": (dict,),
-}
-# (types allowed, extra check for a non-None value or None, whether None passes the extra check)
-_Rule = tuple[tuple[type, ...], Callable[[Any], bool] | None, bool]
-
-
-def _py_types(sub: Mapping[str, Any]) -> tuple[type, ...] | None:
-    names = sub.get("type")
-    names = [names] if isinstance(names, str) else names
-    if not isinstance(names, list) or not all(name in _PY_TYPES for name in names):
-        return None
-    return tuple(t for name in names for t in _PY_TYPES[name])
-
-
-def _field_rule(sub: Mapping[str, Any]) -> _Rule | None:
-    """One property's rule, or None when it uses a keyword the table does not know."""
-    types = _py_types(sub)
-    extras = set(sub) - _ANNOTATIONS - {"type"}
-    if types is None or len(extras) > 1:
-        return None
-    if not extras:
-        return types, None, True
-    (keyword,) = extras
-    if keyword == "enum" and all(v is None or isinstance(v, str) for v in sub["enum"]):
-        allowed = frozenset(v for v in sub["enum"] if v is not None)
-        return types, lambda v: isinstance(v, str) and v in allowed, None in sub["enum"]
-    if keyword == "format" and sub["format"] == "uuid":
-        return types, lambda v: not isinstance(v, str) or _is_uuid(v), True
-    if keyword == "items" and isinstance(sub["items"], dict) and set(sub["items"]) == {"type"}:
-        item_types = _py_types(sub["items"])
-        if item_types is None:
-            return None
-        return (
-            types,
-            lambda v: not isinstance(v, (list, tuple)) or all(isinstance(i, item_types) for i in v),
-            True,
-        )
-    return None
-
-
-def _rules_table(schema: Mapping[str, Any]) -> tuple[tuple[str, ...], dict[str, _Rule]] | None:
-    """(required names, rule per property), or None when the schema needs fastjsonschema."""
-    if set(schema) - _ANNOTATIONS - {"properties", "required"}:
-        return None
-    rules = {}
-    for name, sub in schema["properties"].items():
-        rule = _field_rule(sub)
-        if rule is None:
-            return None
-        rules[name] = rule
-    return tuple(schema.get("required", ())), rules
-
-
-def _table_check(
-    required: tuple[str, ...], rules: dict[str, _Rule]
-) -> Callable[[dict[str, Any]], bool]:
-    rule_for = rules.get
-
-    def check(body: dict[str, Any]) -> bool:
-        for name in required:
-            if name not in body:
-                return False
-        for name, value in body.items():
-            rule = rule_for(name)
-            if rule is None:  # not a schema property: allowed, as without additionalProperties
-                continue
-            types, extra, none_passes = rule
-            if not isinstance(value, types):
-                return False
-            if value is None:
-                if not none_passes:
-                    return False
-            elif extra is not None and not extra(value):
-                return False
-        return True
-
-    return check
-
-
-@functools.cache
-def _full_validator(version: SchemaVersion) -> Draft202012Validator:
-    return Draft202012Validator(
-        load_schema(version), format_checker=Draft202012Validator.FORMAT_CHECKER
-    )
-
-
-def _show(value: Any) -> str:
-    """A short, typed rendering of a bad value for an error message."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        text = f"boolean {str(value).lower()}"
-    elif isinstance(value, str):
-        text = repr(value)
-    elif isinstance(value, (int, float, Decimal)):
-        text = f"{type(value).__name__} {value}"
-    else:
-        try:
-            text = f"{type(value).__name__} {jsonutil.dumps(value)}"
-        except (TypeError, ValueError):
-            text = f"{type(value).__name__} {value!r}"
-    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 1] + "…"
-
-
-def _expected(types: str | Sequence[str]) -> str:
-    names = [types] if isinstance(types, str) else list(types)
-    article = {"array": "an", "object": "an", "integer": "an"}
-    return " or ".join(
-        "null" if name == "null" else f"{article.get(name, 'a')} {name}" for name in names
-    )
-
-
-def _describe(error: ValidationError) -> tuple[str | None, str, list[FieldError]]:
-    """(field, validator kind, errors) for one jsonschema error, in this project's words."""
-    path = list(error.absolute_path)
-    name = str(path[0]) if path else None
-    prefix = f"item {path[1]}: " if len(path) > 1 else ""
-    kind = str(error.validator)
-    value = error.instance
-    if kind == "required":
-        missing = [p for p in error.validator_value if p not in value]
-        return None, kind, [FieldError(p, f"{p} is required (missing or null)") for p in missing]
-    if kind == "type":
-        message = f"must be {_expected(error.validator_value)}, got {_show(value)}"
-    elif kind == "enum":
-        allowed = ", ".join(str(v) for v in error.validator_value if v is not None)
-        message = f"must be one of {allowed} (or null), got {_show(value)}"
-    elif kind == "format":
-        message = f"must be a {error.validator_value}, got {_show(value)}"
-    else:
-        message = error.message[:_SHOW_LIMIT]
-    return name, kind if not prefix else "item", [FieldError(name, prefix + message)]
-
-
-class BodyValidator:
-    """Validates bodies of one version against the spec plus the message_text rule."""
-
-    __slots__ = ("_allow_empty", "_check", "version")
-
-    def __init__(self, version: SchemaVersion, *, allow_empty_message_text: bool = False) -> None:
-        if version not in SCHEMA_VERSIONS:
-            raise ValueError(f"unknown message_schema {version!r}")
-        self.version = version
-        self._allow_empty = allow_empty_message_text
-        self._check = _fast_check(version, allow_empty_message_text)
-
-    def is_valid(self, body: Mapping[str, Any]) -> bool:
-        """The fast verdict alone (compiled schema + message_text rule)."""
-        return self._check(body if isinstance(body, dict) else dict(body))
-
-    @property
-    def check_dict(self) -> Callable[[dict[str, Any]], bool]:
-        """:meth:`is_valid` as a plain function of a ``dict`` body, for per-record callers."""
-        return self._check
-
-    def errors(self, body: Mapping[str, Any]) -> list[FieldError]:
-        """Every problem with the body, sorted by field; [] when it may be sent."""
-        if self.is_valid(body):
-            return []
-        found = self.explain(body)
-        # Never let a disagreement pass an invalid body: report it as a whole-body error.
-        return found or [FieldError(None, "body rejected by the compiled schema check")]
-
-    def explain(self, body: Mapping[str, Any]) -> list[FieldError]:
-        """The full jsonschema pass, always run: each failing field once per problem.
-
-        A wrong-typed enum field reports its type only (the enum miss says nothing new).
-        """
-        body = body if isinstance(body, dict) else dict(body)
-        typed: set[str | None] = set()
-        pending: list[tuple[str | None, str, FieldError]] = []
-        for error in _full_validator(self.version).iter_errors(body):
-            name, kind, found = _describe(error)
-            if kind == "type":
-                typed.add(name)
-            pending.extend((name, kind, item) for item in found)
-        result = {item for name, kind, item in pending if not (kind == "enum" and name in typed)}
-        if not self._allow_empty and (problem := _text_problem(body)) is not None:
-            result.add(FieldError(MESSAGE_TEXT, problem))
-        return sorted(result, key=lambda e: (e.field is not None, e.field or "", e.message))
+__all__ = [
+    "MESSAGE_TEXT",
+    "SCHEMA_VERSIONS",
+    "BodyRules",
+    "BodyValidator",
+    "FieldError",
+    "SchemaVersion",
+    "body_hash_key",
+    "build_body",
+    "check_stream_schema",
+    "is_expired",
+    "is_uuid",
+    "load_schema",
+    "message_time",
+    "recipient_lane",
+    "record_key",
+    "value_problems",
+]
 
 
 def _key_text(value: Any) -> str:
@@ -390,17 +80,6 @@ def record_key(record: Mapping[str, Any], key_properties: Sequence[str]) -> str:
 def body_hash_key(body: Mapping[str, Any]) -> str:
     """Key for streams without key properties: equal bodies, equal keys, across runs."""
     return jsonutil.sha256_hex(body)
-
-
-def recipient_lane(body: Mapping[str, Any]) -> str:
-    """The ordering lane (contract §3): same (connection, recipient), same lane, one at a time."""
-    connection = body.get("connection_id") or ""
-    if (recipient := body.get("recipient_id")) is not None:
-        return f"{connection}|{recipient}"
-    ids = body.get("source_recipient_ids")
-    if isinstance(ids, list) and ids:
-        return f"{connection}|{jsonutil.dumps(sorted(ids, key=str))}"
-    return f"{connection}|{body.get('recipient_group') or ''}"
 
 
 def check_stream_schema(

@@ -1,15 +1,16 @@
-"""Resolve a TMS's provider driver ids to the Catena user ids the current body needs.
+"""Resolve a TMS's provider driver ids to the Catena user ids a body version needs.
 
-The ``catena_ids`` body wants Catena user ids for ``sender_id`` and ``recipient_id``, but a TMS
-holds the telematics provider's ids. Two record fields carry them, ``sender_source_id`` and
-``recipient_source_id`` (read, never sent); Catena maps them through
-``GET /v2/telematics/users?source_ids=…&connection_id=…`` (catena-api.md §6). Lookups are batched
-per connection (100 ids a request, every page), cached for the run — one lookup per id per run —
-and patient with 429s.
+A version with ``user_ids`` (body/versions.py) wants Catena user ids for its sender and
+recipient, but a TMS holds the telematics provider's ids. Record fields carry them (e.g.
+``sender_source_id`` and ``recipient_source_id``, read, never sent); Catena maps them through
+``GET /v2/telematics/users?source_ids=…&connection_id=…``. Lookups are batched per connection
+(100 ids a request, every page), cached for the run — one lookup per id per run — and patient
+with 429s.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -17,39 +18,60 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from target_catena_messages.body import versions
+from target_catena_messages.body.validate import BodyValidator
+from target_catena_messages.body.versions import BodyVersion, UserIdField
 from target_catena_messages.catena.client import CatenaClient
 from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.retry import FailureKind
 
 logger = logging.getLogger(__name__)
 
-SENDER_SOURCE_ID = "sender_source_id"
-RECIPIENT_SOURCE_ID = "recipient_source_id"
 _ATTEMPTS = 5
+# Stands in for a user id not yet resolved, so the rest of a body can be validated before any
+# lookup (and a dry run can validate without one); a v4 uuid no Catena user has.
+PLACEHOLDER_USER_ID = "00000000-0000-4000-8000-000000000000"
 
 
 @dataclass(frozen=True)
 class Wanted:
-    """What one record needs resolved (pure result of :func:`wanted`)."""
+    """What one record needs resolved (pure result of :func:`wanted`).
+
+    ``errors`` not empty: the record cannot be sent whatever the lookup finds (unusable provider
+    ids, or body errors besides the missing user ids), so it must not be looked up.
+    """
 
     sender: str | None = None
     recipient: str | None = None
-    error: dict[str, Any] | None = None  # a contract §5 error when the record's ids are unusable
+    errors: tuple[dict[str, Any], ...] = ()  # dead-letter errors, provider id errors first
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """The first of :attr:`errors`, or None when the record may be looked up."""
+        return self.errors[0] if self.errors else None
 
     @property
     def any(self) -> bool:
         """Whether anything must be looked up."""
         return bool(self.sender or self.recipient)
 
+    def source_id(self, field: UserIdField) -> str | None:
+        """The provider id to resolve for ``field``, if any."""
+        return self.sender if field.role == "sender" else self.recipient
 
-def _one_id(record: Mapping[str, Any], name: str) -> tuple[str | None, dict[str, Any] | None]:
+
+def _one_id(
+    record: Mapping[str, Any], field: UserIdField, version: BodyVersion
+) -> tuple[str | None, dict[str, Any] | None]:
+    name = field.source_field
     value = record.get(name)
     if isinstance(value, list):
         if len(value) > 1:
             return None, {
                 "field": name,
-                "message": f"{len(value)} recipients, but the catena_ids body has one "
-                "recipient_id: split the message per driver (or use message_schema source_ids)",
+                "message": f"{len(value)} {field.role}s, but the {version.name} body has one "
+                f"{field.body_field}: split the message per driver (or choose a message_schema "
+                "that takes a list)",
             }
         value = value[0] if value else None
     if value is None or value == "":
@@ -57,16 +79,56 @@ def _one_id(record: Mapping[str, Any], name: str) -> tuple[str | None, dict[str,
     return str(value), None
 
 
-def wanted(record: Mapping[str, Any], body: Mapping[str, Any]) -> Wanted:
-    """Which provider ids a record needs resolved: only where the body has no Catena id."""
-    sender, sender_error = (None, None)
-    # A provider id on the record beats default_sender_id (which build_body already applied).
-    if "sender_id" not in body or (SENDER_SOURCE_ID in record and record.get("sender_id") is None):
-        sender, sender_error = _one_id(record, SENDER_SOURCE_ID)
-    recipient, recipient_error = (None, None)
-    if "recipient_id" not in body:
-        recipient, recipient_error = _one_id(record, RECIPIENT_SOURCE_ID)
-    return Wanted(sender, recipient, recipient_error or sender_error)
+def _resolving_version() -> BodyVersion:
+    return next(v for v in versions.all_versions() if v.resolves_user_ids)
+
+
+@functools.cache
+def _schema_validator(version: BodyVersion) -> BodyValidator:
+    # The schema alone: without the run's settings, the message_text rule is left to the caller.
+    return BodyValidator(version, allow_empty_message_text=True)
+
+
+def wanted(
+    record: Mapping[str, Any],
+    body: Mapping[str, Any],
+    version: BodyVersion | None = None,
+    validator: BodyValidator | None = None,
+) -> Wanted:
+    """Which provider ids a record needs resolved: only where the body has no Catena id.
+
+    A record that needs some is validated first, with placeholders for the ids to resolve, so
+    that only a record whose body can be sent is ever looked up: the users query carries the
+    record's connection_id, and a malformed one is the record's fault (a validation dead
+    letter), not a refusal by Catena. ``version`` defaults to the registry's first version with
+    user ids to resolve; ``validator`` (the run's) to that version's schema alone.
+    """
+    version = version or _resolving_version()
+    found: dict[str, str | None] = {}
+    errors: list[dict[str, Any]] = []
+    pending: list[str] = []  # body fields whose user id comes from a provider id
+    for field in version.user_ids:
+        # A provider id on the record beats a setting's default (which build_body applied).
+        if field.body_field not in body or (
+            field.body_field in version.setting_defaults
+            and field.source_field in record
+            and record.get(field.body_field) is None
+        ):
+            source_id, field_error = _one_id(record, field, version)
+            if field_error is not None:
+                errors.append(field_error)
+            elif source_id is None:
+                continue
+            found[field.role] = source_id
+            pending.append(field.body_field)
+    if not pending:  # nothing to look up: the caller validates the body as it is
+        return Wanted()
+    probe = dict(body)
+    for name in pending:
+        probe[name] = PLACEHOLDER_USER_ID
+    check = validator or _schema_validator(version)
+    errors.extend(e.as_dict() for e in check.errors(probe))
+    return Wanted(found.get("sender"), found.get("recipient"), tuple(errors))
 
 
 class UserResolver:

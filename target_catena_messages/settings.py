@@ -8,28 +8,55 @@ every mistake in one go instead of one per run.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from singer_sdk import typing as th
 
 from target_catena_messages import jsonutil
-from target_catena_messages.catena.auth import is_loopback
+from target_catena_messages.body import versions
+from target_catena_messages.body.validate import value_problems
+from target_catena_messages.body.versions import BodyVersion
+from target_catena_messages.catena.auth import require_safe_url
 from target_catena_messages.errors import ConfigError
 
 DEFAULT_AUTH_URL = "https://auth.catenatelematics.com/realms/catena/protocol/openid-connect/token"
 DEFAULT_API_URL = "https://api.catenatelematics.com"
 STATE_DIR = Path(".meltano") / "target-catena-messages"
 
-SchemaVersion = Literal["source_ids", "catena_ids"]
+
+@dataclass(frozen=True)
+class DefaultPaths:
+    """Where the target's files live when the settings do not say."""
+
+    dead_letter_path: Path
+    ledger_url: str
+
+
+def default_paths(env: Mapping[str, str]) -> DefaultPaths:
+    """The default file locations for this environment (the one place that decides them).
+
+    Inside a Meltano project (``MELTANO_PROJECT_ROOT`` set and not empty) the files live with
+    Meltano's own state under ``.meltano/``; otherwise in the working directory.
+    """
+    root = env.get("MELTANO_PROJECT_ROOT")
+    if not root:
+        return DefaultPaths(Path("catena-dead-letters.jsonl"), "sqlite:///catena-ledger.sqlite")
+    directory = Path(root) / STATE_DIR
+    return DefaultPaths(
+        directory / "dead-letters.jsonl", f"sqlite:///{directory / 'ledger.sqlite'}"
+    )
 
 
 def _p(name: str, kind: Any, description: str, **kwargs: Any) -> th.Property[Any]:
     return th.Property(name, kind, description=description, **kwargs)
+
+
+def _only(setting: str, description: str) -> str:
+    """A version-specific setting's description, naming the versions that use it."""
+    return f"{' or '.join(versions.allowing(setting))} only: {description}"
 
 
 SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
@@ -56,9 +83,11 @@ SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
     _p(
         "message_schema",
         th.StringType,
-        "Create Message body to build: source_ids (original spec) or catena_ids (current).",
-        default="source_ids",
-        allowed_values=["source_ids", "catena_ids"],
+        "Create Message body to build: "
+        + "; ".join(f"{v.name} ({v.summary})" for v in versions.all_versions())
+        + ".",
+        default=versions.default().name,
+        allowed_values=list(versions.names()),
     ),
     _p("default_connection_id", th.UUIDType, "connection_id when a record has none."),
     _p(
@@ -66,8 +95,12 @@ SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
         th.ObjectType(additional_properties=th.UUIDType),
         "Map fleet_ref -> connection_id, used when a record has no connection_id.",
     ),
-    _p("default_sender_id", th.UUIDType, "catena_ids only: sender_id when a record has none."),
-    _p("is_sync", th.BooleanType, "catena_ids only: send ?is_sync=true.", default=False),
+    _p(
+        "default_sender_id",
+        th.UUIDType,
+        _only("default_sender_id", "sender_id when a record has none."),
+    ),
+    _p("is_sync", th.BooleanType, _only("is_sync", "send ?is_sync=true."), default=False),
     _p("max_concurrency", th.IntegerType, "Hard cap on requests in flight.", default=8),
     _p(
         "max_requests_per_second",
@@ -98,7 +131,7 @@ SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
         "operation_lookup_lag_seconds",
         th.NumberType,
         "How long a new operation may take to appear in Catena's operation list; an ambiguous "
-        "send is looked up only after this (addition to the contract).",
+        "send is looked up only after this.",
         default=30,
     ),
     _p("message_time_field", th.StringType, "Record field with the message's creation time."),
@@ -141,7 +174,7 @@ SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
 
 @dataclass(frozen=True)
 class Settings:
-    """The validated settings, with contract defaults applied."""
+    """The validated settings, with the documented defaults applied."""
 
     client_id: str | None = None
     client_secret: str | None = None
@@ -149,7 +182,7 @@ class Settings:
     auth_url: str = DEFAULT_AUTH_URL
     api_url: str = DEFAULT_API_URL
     scope: str = "organization"
-    message_schema: SchemaVersion = "source_ids"
+    message_schema: str = field(default_factory=lambda: versions.default().name)
     default_connection_id: str | None = None
     connection_id_by_fleet_ref: Mapping[str, str] = field(default_factory=dict)
     default_sender_id: str | None = None
@@ -167,13 +200,18 @@ class Settings:
     allow_empty_message_text: bool = False
     on_invalid_record: Literal["dead_letter", "fail"] = "dead_letter"
     allow_dead_letters: bool = False
-    dead_letter_path: Path = Path("catena-dead-letters.jsonl")
-    ledger_url: str = "sqlite:///catena-ledger.sqlite"
+    dead_letter_path: Path = field(default_factory=lambda: default_paths({}).dead_letter_path)
+    ledger_url: str = field(default_factory=lambda: default_paths({}).ledger_url)
     ledger_namespace: str | None = None
     allow_body_hash_keys: bool = False
     dry_run: bool = False
     confirm_operations: bool = False
     confirm_timeout_seconds: float = 300.0
+
+    @property
+    def body_version(self) -> BodyVersion:
+        """The body version ``message_schema`` names (checked by :meth:`from_config`)."""
+        return versions.get(self.message_schema)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -183,7 +221,7 @@ class Settings:
     def shape_fingerprint(self) -> str:
         """Hash of the settings that decide what is sent, beyond the body itself.
 
-        A dead-lettered key is retried only when its body or these changed (contract §3).
+        A dead-lettered key is retried only when its body or these changed.
         """
         return jsonutil.sha256_hex(
             [
@@ -203,13 +241,12 @@ class Settings:
         env = os.environ if env is None else env
         known = {k: v for k, v in config.items() if k in cls.__dataclass_fields__ and v is not None}
         problems: list[str] = []
-        root = env.get("MELTANO_PROJECT_ROOT")
+        defaults = default_paths(env)
         if "dead_letter_path" in known:
             known["dead_letter_path"] = Path(str(known["dead_letter_path"])).expanduser()
-        elif root:
-            known["dead_letter_path"] = Path(root) / STATE_DIR / "dead-letters.jsonl"
-        if "ledger_url" not in known and root:
-            known["ledger_url"] = f"sqlite:///{Path(root) / STATE_DIR / 'ledger.sqlite'}"
+        else:
+            known["dead_letter_path"] = defaults.dead_letter_path
+        known.setdefault("ledger_url", defaults.ledger_url)
         for name in (
             "request_timeout_seconds",
             "max_retry_seconds",
@@ -229,6 +266,11 @@ class Settings:
 
     def _problems(self) -> list[str]:
         problems: list[str] = []
+        if self.message_schema not in versions.names():
+            problems.append(
+                f"message_schema must be one of {', '.join(versions.names())}, "
+                f"got {self.message_schema!r}"
+            )
         if (
             not (self.client_id and self.client_secret)
             and not self.access_token
@@ -238,16 +280,12 @@ class Settings:
                 "client_id and client_secret are required (or access_token, or dry_run: true)"
             )
         for name in ("api_url", "auth_url"):
-            problem = _url_problem(name, getattr(self, name))
-            if problem:
-                problems.append(problem)
-        for name in ("default_connection_id", "default_sender_id"):
-            value = getattr(self, name)
-            if value is not None and not _is_uuid(value):
-                problems.append(f"{name} must be a uuid, got {value!r}")
-        for ref, conn in self.connection_id_by_fleet_ref.items():
-            if not _is_uuid(conn):
-                problems.append(f"connection_id_by_fleet_ref[{ref!r}] must be a uuid, got {conn!r}")
+            try:
+                require_safe_url(getattr(self, name), name)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if self.message_schema in versions.names():
+            problems.extend(self._body_problems(self.body_version))
         for name, low, inclusive in _BOUNDS:
             value = getattr(self, name)
             if value is not None and (value < low or (value == low and not inclusive)):
@@ -255,6 +293,33 @@ class Settings:
                 problems.append(f"{name} must be {relation} {low}, got {value}")
         if not self.ledger_url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
             problems.append("ledger_url must start with sqlite:/// or postgresql://")
+        return problems
+
+    def _body_problems(self, version: BodyVersion) -> list[str]:
+        """The settings that fill body fields, checked with the body's own rules."""
+        problems = [
+            f"{setting} applies to message_schema {' or '.join(versions.allowing(setting))} "
+            f"only (message_schema is {version.name})"
+            for setting in sorted(versions.version_settings() - version.allowed_settings)
+            if getattr(self, setting)
+        ]
+        fills: list[tuple[str, str, Any]] = [
+            (f"connection_id_by_fleet_ref[{ref!r}]", version.connection_field, value)
+            for ref, value in self.connection_id_by_fleet_ref.items()
+        ]
+        fills.append(
+            ("default_connection_id", version.connection_field, self.default_connection_id)
+        )
+        fills.extend(
+            (setting, field, getattr(self, setting))
+            for field, setting in version.setting_defaults.items()
+        )
+        problems.extend(
+            f"{setting} {problem}"
+            for setting, field, value in fills
+            if value is not None
+            for problem in value_problems(version, field, value)
+        )
         return problems
 
 
@@ -271,25 +336,3 @@ _BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("confirm_timeout_seconds", 0, True),
     ("max_requests_per_second", 0, False),
 )
-
-
-def _is_uuid(value: object) -> bool:
-    try:
-        uuid.UUID(str(value))
-    except ValueError:
-        return False
-    return True
-
-
-def _url_problem(name: str, url: str) -> str | None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        return f"{name} must be an https:// URL, got {url!r}"
-    if parts.username or parts.password:
-        return f"{name} must not carry credentials"
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
-        return (
-            f"{name} uses http:// for {parts.hostname}: plain http is allowed only for loopback "
-            "(127.0.0.1, ::1, localhost); use https://"
-        )
-    return None

@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from target_catena_messages import jsonutil, message
+from target_catena_messages.body import validate, versions
 from target_catena_messages.errors import ConfigError
 from target_catena_messages.message import (
     BodyRules,
     BodyValidator,
     FieldError,
-    body_fields,
     body_hash_key,
     build_body,
     check_stream_schema,
@@ -88,8 +88,8 @@ def test_schema_files_mirror_the_spec() -> None:
         assert "additionalProperties" not in schema
         for prop in schema["properties"].values():
             assert not {"maxLength", "minLength", "pattern"} & set(prop)
-    assert body_fields("source_ids") == frozenset(SOURCE_BODY)
-    assert body_fields("catena_ids") == frozenset(CATENA_BODY)
+    assert frozenset(versions.get("source_ids").field_order) == frozenset(SOURCE_BODY)
+    assert frozenset(versions.get("catena_ids").field_order) == frozenset(CATENA_BODY)
 
 
 @pytest.mark.parametrize("version", ["source_ids", "catena_ids"])
@@ -277,10 +277,10 @@ _ANY_VALUE = st.one_of(
 def test_rules_table_agrees_with_fastjsonschema(version: message.SchemaVersion, data: Any) -> None:
     # The table replaces fastjsonschema's compiled code on the per-record path: same verdicts.
     schema = dict(message.load_schema(version))
-    table = message._rules_table(schema)
+    table = validate._rules_table(schema)
     assert table is not None  # both body schemas take the fast table
-    check = message._table_check(*table)
-    compiled = fastjsonschema.compile(schema, formats={"uuid": message._is_uuid})
+    check = validate._table_check(*table)
+    compiled = fastjsonschema.compile(schema, formats={"uuid": message.is_uuid})
     names = [*schema["properties"], "not_in_schema"]
     body = data.draw(st.dictionaries(st.sampled_from(names), _ANY_VALUE, max_size=len(names)))
     try:
@@ -292,14 +292,14 @@ def test_rules_table_agrees_with_fastjsonschema(version: message.SchemaVersion, 
 
 
 def test_a_schema_beyond_the_table_falls_back_to_fastjsonschema() -> None:
-    assert message._rules_table({"properties": {"n": {"type": "integer"}}}) is None
-    assert message._rules_table({"properties": {"s": {"type": "string", "maxLength": 3}}}) is None
-    assert message._rules_table({"properties": {}, "additionalProperties": False}) is None
-    assert message._rules_table({"properties": {"e": {"type": "string", "enum": [1]}}}) is None
+    assert validate._rules_table({"properties": {"n": {"type": "integer"}}}) is None
+    assert validate._rules_table({"properties": {"s": {"type": "string", "maxLength": 3}}}) is None
+    assert validate._rules_table({"properties": {}, "additionalProperties": False}) is None
+    assert validate._rules_table({"properties": {"e": {"type": "string", "enum": [1]}}}) is None
     enum_without_null = {"properties": {"e": {"type": ["string", "null"], "enum": ["a"]}}}
-    table = message._rules_table(enum_without_null)
+    table = validate._rules_table(enum_without_null)
     assert table is not None
-    check = message._table_check(*table)
+    check = validate._table_check(*table)
     assert check({"e": "a"})
     assert not check({"e": None})  # null is a type it allows, but not a value of the enum
     assert not check({"e": "b"})

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from target_catena_messages.message import BodyValidator
 from target_catena_messages.resolve import Wanted, wanted
 from tests.harness import run_target, sandbox_config, singer_lines
 
@@ -60,9 +61,10 @@ def config(url: str, **extra: Any) -> dict[str, Any]:
 
 
 def test_wanted_is_pure_and_only_asks_for_missing_ids() -> None:
-    assert wanted({"recipient_source_id": "a"}, {}) == Wanted(recipient="a")
+    body = {"connection_id": CONN, "sender_id": user_id(DISPATCHER), "message_text": "hi"}
+    assert wanted({"recipient_source_id": "a"}, body) == Wanted(recipient="a")
     assert wanted({"recipient_source_id": "a"}, {"recipient_id": "x"}) == Wanted()
-    assert wanted({"recipient_source_id": ["a"]}, {}) == Wanted(recipient="a")
+    assert wanted({"recipient_source_id": ["a"]}, body) == Wanted(recipient="a")
     many = wanted({"recipient_source_id": ["a", "b"]}, {})
     assert many.error is not None
     assert many.error["field"] == "recipient_source_id"
@@ -182,3 +184,50 @@ def test_dry_run_validates_without_lookups(tmp_path: Path, sandbox_factory: Any)
     assert result.returncode == 2
     assert [d["key"] for d in result.dead_letters] == ["2"]
     assert sandbox.stats()["requests"].get("users", 0) == 0
+
+
+def test_wanted_validates_the_rest_of_the_body_before_any_lookup() -> None:
+    body = {"connection_id": "not-a-uuid", "message_text": "hi", "priority": "urgent"}
+    found = wanted({"recipient_source_id": "a", "sender_source_id": "b"}, body)
+    assert found.recipient == "a"
+    assert found.sender == "b"
+    # the ids to resolve are not reported missing; everything else is, each field once
+    assert [e["field"] for e in found.errors] == ["connection_id", "priority"]
+    assert found.error == found.errors[0]
+    assert "must be a uuid, got 'not-a-uuid'" in found.errors[0]["message"]
+    # an unusable provider id comes first, then the body's own errors
+    many = wanted({"recipient_source_id": ["a", "b"], "sender_source_id": "c"}, body)
+    assert [e["field"] for e in many.errors] == ["recipient_source_id", "connection_id", "priority"]
+    # the run's validator adds the message_text rule
+    validator = BodyValidator("catena_ids")
+    blank = {"connection_id": CONN, "sender_id": user_id(DISPATCHER), "message_text": " "}
+    assert wanted({"recipient_source_id": "a"}, blank).errors == ()
+    [text] = wanted({"recipient_source_id": "a"}, blank, validator=validator).errors
+    assert text["field"] == "message_text"
+
+
+def test_malformed_connection_is_a_validation_dead_letter_without_a_users_query(
+    tmp_path: Path, sandbox_factory: Any
+) -> None:
+    sandbox = sandbox_factory({"message_schema": "catena_ids", "users": users(3)})
+    bad = CONN.replace("-", "")  # looks like a uuid; the users endpoint answers it with a 422
+    recs = [record(1, "drv-0", connection_id=bad), record(2, "drv-1", connection_id=bad)]
+    result = run_target(tmp_path, config(sandbox.url), singer_lines("msgs", recs, state_every=2))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert sandbox.stats()["requests"].get("users", 0) == 0
+    assert sandbox.stats()["requests"].get("messages", 0) == 0
+    assert [d["key"] for d in result.dead_letters] == ["1", "2"]
+    for dead in result.dead_letters:
+        assert dead["stage"] == "validation"
+        assert dead["retryable"] is False
+        assert [e["field"] for e in dead["errors"]] == ["connection_id"]
+    assert result.last_state is not None  # a record's own fault: STATE moves past it
+    # the same records with a good connection are then sent, ids resolved by one lookup
+    again = [record(3, "drv-0"), record(4, "drv-1")]
+    result = run_target(tmp_path, config(sandbox.url), singer_lines("msgs", again, state_every=2))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sandbox.stats()["requests"]["users"] == 1
+    assert [b["recipient_id"] for b in sandbox.accepted_bodies()] == [
+        user_id("drv-0"),
+        user_id("drv-1"),
+    ]

@@ -68,7 +68,9 @@ def require_safe_url(url: str, setting: str) -> str:
     """Refuse a URL that would send credentials in clear text to another machine.
 
     Tokens and the client secret travel to both ``api_url`` and ``auth_url``, so ``http://`` is
-    allowed only for loopback hosts (the local sandbox).
+    allowed only for loopback hosts (the local sandbox). Credentials in the URL itself are
+    refused too: they would end up in logs and error messages. The settings check calls this, so
+    a URL is judged by one rule at start and again where it is used.
 
     Parsed the way the transport parses it, so a URL accepted here can be sent (a bad port or
     bracket is a configuration error now, not a failure of every request later).
@@ -77,12 +79,15 @@ def require_safe_url(url: str, setting: str) -> str:
         The URL without a trailing slash.
 
     Raises:
-        ConfigError: The URL is not https (or loopback http), has no host, or cannot be parsed.
+        ConfigError: The URL is not https (or loopback http), has no host, carries credentials
+            or cannot be parsed.
     """
     try:
         parts = parse_url(url)
     except LocationParseError as exc:
         raise ConfigError(f"{setting} is not a valid URL: {exc}") from None
+    if parts.auth:
+        raise ConfigError(f"{setting} must not carry credentials")
     scheme = (parts.scheme or "").lower()
     host = (parts.host or "").strip("[]")
     if scheme == "https" and host:
@@ -90,8 +95,8 @@ def require_safe_url(url: str, setting: str) -> str:
     if scheme == "http" and is_loopback(host):
         return url.rstrip("/")
     raise ConfigError(
-        f"{setting} must be an https:// URL (http:// only for 127.0.0.0/8, ::1 or localhost), "
-        f"got {scheme or 'no'} scheme for host {host or '(none)'!r}"
+        f"{setting} must be an https:// URL (plain http:// only for loopback hosts: "
+        f"127.0.0.0/8, ::1, localhost), got {scheme or 'no'} scheme for host {host or '(none)'!r}"
     )
 
 

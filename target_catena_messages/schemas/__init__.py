@@ -1,1 +1,1 @@
-"""The two Create Message request body schemas, as package data (JSON Schema draft 2020-12)."""
+"""Create Message request body schemas, one per body version (JSON Schema draft 2020-12)."""
