@@ -31,7 +31,7 @@ from target_catena_messages.catena import (
     TokenUnavailable,
     make_session,
 )
-from target_catena_messages.errors import ConfigError
+from target_catena_messages.catena.errors import ClientConfigError
 from target_catena_messages.retry import FailureKind
 
 TOKEN_PATH = "/realms/catena/protocol/openid-connect/token"
@@ -698,9 +698,9 @@ def test_list_users_failure_raises(kit_factory: Callable[..., Kit]) -> None:
     ["http://api.catenatelematics.com", "ftp://127.0.0.1", "api.catenatelematics.com", "https://"],
 )
 def test_insecure_or_malformed_urls_are_refused(url: str, session: HttpTransport) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ClientConfigError):
         CatenaClient(url, StaticTokenProvider("t"), session)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ClientConfigError):
         ClientCredentialsTokenProvider(session, url, CLIENT_ID, SECRET)
 
 

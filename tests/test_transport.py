@@ -32,8 +32,8 @@ from target_catena_messages.catena import (
     StaticTokenProvider,
     make_session,
 )
+from target_catena_messages.catena.errors import ClientConfigError
 from target_catena_messages.catena.transport import ca_bundle_from_env
-from target_catena_messages.errors import ConfigError
 from target_catena_messages.retry import FailureKind
 from tests.harness import run_target, sandbox_config, singer_lines
 
@@ -299,7 +299,7 @@ def test_unusable_ca_bundle_is_a_config_error(
     if content is not None:
         bundle.write_text(content, encoding="utf-8")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
-    with pytest.raises(ConfigError, match="REQUESTS_CA_BUNDLE"):
+    with pytest.raises(ClientConfigError, match="REQUESTS_CA_BUNDLE"):
         make_session(2)
 
 
@@ -469,7 +469,10 @@ def test_unusable_proxy_is_a_config_error_without_its_credentials(
     monkeypatch: pytest.MonkeyPatch, proxy: str
 ) -> None:
     monkeypatch.setenv("HTTPS_PROXY", proxy)
-    with make_session(2) as transport, pytest.raises(ConfigError, match="HTTPS_PROXY") as info:
+    with (
+        make_session(2) as transport,
+        pytest.raises(ClientConfigError, match="HTTPS_PROXY") as info,
+    ):
         send("https://api.example.invalid", transport)
     assert "pw" not in str(info.value)
 

@@ -20,15 +20,15 @@ from typing import Any, Protocol
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
-from target_catena_messages import jsonutil
+from target_catena_messages.catena.classify import json_or_none, retry_after_seconds
 from target_catena_messages.catena.errors import (
+    ClientConfigError,
     CredentialsRefused,
     TokenNotRefreshable,
     TokenUnavailable,
 )
+from target_catena_messages.catena.retry import RetryPolicy
 from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport
-from target_catena_messages.errors import ConfigError
-from target_catena_messages.retry import RetryPolicy, retry_after_seconds
 
 __all__ = [
     "ClientCredentialsTokenProvider",
@@ -77,19 +77,20 @@ def require_safe_url(url: str, setting: str) -> str:
         The URL without a trailing slash.
 
     Raises:
-        ConfigError: The URL is not https (or loopback http), has no host, or cannot be parsed.
+        ClientConfigError: The URL is not https (or loopback http), has no host, or cannot be
+            parsed.
     """
     try:
         parts = parse_url(url)
     except LocationParseError as exc:
-        raise ConfigError(f"{setting} is not a valid URL: {exc}") from None
+        raise ClientConfigError(f"{setting} is not a valid URL: {exc}") from None
     scheme = (parts.scheme or "").lower()
     host = (parts.host or "").strip("[]")
     if scheme == "https" and host:
         return url.rstrip("/")
     if scheme == "http" and is_loopback(host):
         return url.rstrip("/")
-    raise ConfigError(
+    raise ClientConfigError(
         f"{setting} must be an https:// URL (http:// only for 127.0.0.0/8, ::1 or localhost), "
         f"got {scheme or 'no'} scheme for host {host or '(none)'!r}"
     )
@@ -110,7 +111,7 @@ class StaticTokenProvider:
 
     def __init__(self, access_token: str) -> None:
         if not access_token or not access_token.strip():
-            raise ConfigError("access_token is empty")
+            raise ClientConfigError("access_token is empty")
         self._token = access_token.strip()
 
     def token(self) -> str:
@@ -266,7 +267,7 @@ class ClientCredentialsTokenProvider:
             )
         except SEND_ERRORS as exc:
             return _Transient(self._redact(f"{type(exc).__name__}: {exc}"), None)
-        body = _json_or_none(response.content)
+        body = json_or_none(response.content)
         status = response.status_code
         if status == 200:
             return self._issued(body)
@@ -307,11 +308,3 @@ class ClientCredentialsTokenProvider:
     def _redact(self, text: str) -> str:
         """Belt and braces: the secret never leaves in a message, whatever a server echoes."""
         return text.replace(self._secret, "***") if self._secret else text
-
-
-def _json_or_none(content: bytes) -> Any:
-    """The decoded JSON body, or None when it is empty or not JSON (an HTML error page)."""
-    try:
-        return jsonutil.loads(content)
-    except ValueError:  # msgspec.DecodeError is a ValueError
-        return None

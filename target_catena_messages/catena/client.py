@@ -20,20 +20,20 @@ from urllib.parse import quote
 
 import msgspec
 
-from target_catena_messages import jsonutil
 from target_catena_messages.catena.auth import TokenProvider, require_safe_url
+from target_catena_messages.catena.classify import (
+    FailureKind,
+    classify_exception,
+    classify_status,
+    json_or_none,
+    retry_after_seconds,
+)
 from target_catena_messages.catena.errors import (
     CatenaApiError,
     TokenNotRefreshable,
     TokenUnavailable,
 )
 from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport, Response
-from target_catena_messages.retry import (
-    FailureKind,
-    classify_exception,
-    classify_status,
-    retry_after_seconds,
-)
 
 __all__ = ["Accepted", "CatenaClient", "ClientStats", "Failure", "make_session"]
 
@@ -74,6 +74,8 @@ class _SummaryPage(msgspec.Struct):
 
 
 _SUMMARY_PAGE = msgspec.json.Decoder(_SummaryPage)
+# Records carry Decimal numbers (singer-sdk parses input that way): sent as JSON numbers.
+_BODY = msgspec.json.Encoder(decimal_format="number")
 _TEXT_LIMIT = 500
 
 
@@ -85,7 +87,8 @@ def make_session(pool_size: int) -> HttpTransport:
 
     Raises:
         ValueError: ``pool_size`` < 1.
-        ConfigError: The CA bundle (``REQUESTS_CA_BUNDLE``/``SSL_CERT_FILE``) cannot be loaded.
+        ClientConfigError: The CA bundle (``REQUESTS_CA_BUNDLE``/``SSL_CERT_FILE``) cannot be
+            loaded.
     """
     return HttpTransport(pool_size)
 
@@ -202,7 +205,7 @@ class CatenaClient:
             "POST",
             self._messages_url,
             params=[("is_sync", "true")] if is_sync else None,
-            data=jsonutil.dumps(body).encode(),
+            data=_BODY.encode(body),
             is_sync=is_sync,
         )
         elapsed = time.monotonic() - started
@@ -460,7 +463,7 @@ class CatenaClient:
         if decode is not None and 200 <= status < 300 and kind is None:
             body = decode(response.content)
         else:
-            body = _json_or_none(response.content)
+            body = json_or_none(response.content)
         kind = kind or classify_status(status, body, is_sync=is_sync)
         if kind is None:
             return status, body
@@ -498,14 +501,6 @@ def _summary_page(content: bytes) -> _SummaryPage | None:
     try:
         return _SUMMARY_PAGE.decode(content)
     except ValueError:  # msgspec's DecodeError and ValidationError are ValueErrors
-        return None
-
-
-def _json_or_none(content: bytes) -> Any:
-    """The decoded JSON body, or None when it is empty or not JSON (an HTML error page)."""
-    try:
-        return jsonutil.loads(content)
-    except ValueError:  # msgspec.DecodeError is a ValueError
         return None
 
 
