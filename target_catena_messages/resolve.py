@@ -3,7 +3,7 @@
 The ``catena_ids`` body wants Catena user ids for ``sender_id`` and ``recipient_id``, but a TMS
 holds the telematics provider's ids. Two record fields carry them, ``sender_source_id`` and
 ``recipient_source_id`` (read, never sent); Catena maps them through
-``GET /v2/telematics/users?source_ids=…&connection_id=…`` (catena-api.md §6). Lookups are batched
+``GET /v2/telematics/users?source_ids=…&connection_id=…``. Lookups are batched
 per connection (100 ids a request, every page), cached for the run — one lookup per id per run —
 and patient with 429s.
 """
@@ -19,13 +19,23 @@ from typing import Any
 
 from target_catena_messages.catena.client import CatenaClient
 from target_catena_messages.catena.errors import CatenaApiError
-from target_catena_messages.retry import FailureKind
+from target_catena_messages.retry import GiveUp, RetryPolicy
+from target_catena_messages.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
 SENDER_SOURCE_ID = "sender_source_id"
 RECIPIENT_SOURCE_ID = "recipient_source_id"
-_ATTEMPTS = 5
+#: How a users lookup is retried (docs/retry.md): 5 attempts, 1, 2, 4 then 8 s apart (or as the
+#: server asks), never for a rejection.
+USERS_POLICY = RetryPolicy(
+    max_retries=4,
+    max_retry_seconds=float("inf"),
+    base_seconds=1.0,
+    jitter=False,
+    idempotent=True,
+    count_throttled=True,
+)
 
 
 @dataclass(frozen=True)
@@ -73,10 +83,17 @@ class UserResolver:
     """Provider id -> Catena user id, per connection, cached for the run."""
 
     def __init__(
-        self, client: CatenaClient, *, sleep: Callable[[float], None] = time.sleep
+        self,
+        client: CatenaClient,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        policy: RetryPolicy = USERS_POLICY,
+        throttle: Throttle | None = None,
     ) -> None:
         self._client = client
         self._sleep = sleep
+        self._policy = policy
+        self._throttle = throttle  # delivery's: lookups share its 429 pauses and rate
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], str | None] = {}
         self.lookups = 0  # ids asked of the API (each at most once per run)
@@ -98,15 +115,21 @@ class UserResolver:
             return {s: self._cache[(connection_id, s)] for s in ids}
 
     def _look_up(self, connection_id: str, source_ids: list[str]) -> dict[str, str]:
-        for attempt in range(_ATTEMPTS):
+        state = self._policy
+        while True:
+            if self._throttle is not None:
+                self._throttle.wait_turn()
             try:
                 users = self._client.list_users(connection_id, source_ids)
             except CatenaApiError as exc:
-                if exc.kind is FailureKind.REJECTION or attempt + 1 == _ATTEMPTS:
+                step = state.increment(exc.kind, exc.status, exc.retry_after)
+                if isinstance(step, GiveUp):
                     raise
-                wait = exc.retry_after or min(30.0, 2.0**attempt)
-                logger.info("users lookup: %s; retrying in %.1f s", exc, wait)
-                self._sleep(wait)
+                if step.shared_pause and self._throttle is not None:
+                    self._throttle.pause(step.wait)
+                logger.info("users lookup: %s; retrying in %.1f s", exc, step.wait)
+                self._sleep(step.wait)
+                state = step
                 continue
             return {
                 str(u["source_id"]): str(u["id"])
@@ -115,4 +138,3 @@ class UserResolver:
                 and u.get("id")
                 and u.get("connection_id") in (None, connection_id)
             }
-        return {}  # pragma: no cover - the loop returns or raises

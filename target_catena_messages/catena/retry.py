@@ -77,6 +77,7 @@ class GiveUp:
             exists, the request succeeded after all).
         fatal: The rejection breaker tripped: end the run with this one line.
         history: Every failed attempt, oldest first.
+        pause: A 429 pause every other sender still owes the rate limit (0.0: none).
     """
 
     reason: GiveUpReason
@@ -84,6 +85,7 @@ class GiveUp:
     look_up: bool = False
     fatal: str | None = None
     history: tuple[Attempt, ...] = ()
+    pause: float = 0.0
 
     @property
     def retryable(self) -> bool:
@@ -251,7 +253,7 @@ class RetryPolicy:
         waited = self.waited + pause
         history = (*self.history, Attempt(kind, 429, pause))
         if waited > self.max_retry_seconds:
-            return GiveUp(GiveUpReason.TIME, False, False, None, history)
+            return GiveUp(GiveUpReason.TIME, False, False, None, history, pause)
         return replace(
             self, waited=waited, wait=pause, shared_pause=True, look_up=False, history=history
         )
