@@ -143,12 +143,11 @@ class Delivery:
 
     # -- the caller's side -------------------------------------------------------------------
 
-    def submit(self, message: Message) -> None:
-        """Queue a message behind earlier ones of its lane; returns at once."""
-        self.submit_many((message,))
-
     def submit_many(self, messages: Sequence[Message]) -> None:
-        """``submit`` each message, in order, under one hold of the lock (a batch at a time)."""
+        """Queue each message behind earlier ones of its lane, in order; returns at once.
+
+        One hold of the lock for the whole batch.
+        """
         if not messages:
             return
         with self._lock:
@@ -162,12 +161,6 @@ class Delivery:
                 lanes[message.lane] = deque()
                 heapq.heappush(ready, (message.seq, next(tiebreak), message))
                 self._staff()
-
-    @property
-    def outstanding(self) -> int:
-        """Messages submitted and not yet given an outcome."""
-        with self._lock:
-            return self._outstanding
 
     @property
     def in_flight(self) -> int:

@@ -96,7 +96,6 @@ class UserResolver:
         self._throttle = throttle  # delivery's: lookups share its 429 pauses and rate
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], str | None] = {}
-        self.lookups = 0  # ids asked of the API (each at most once per run)
 
     def resolve(self, connection_id: str, source_ids: Iterable[str]) -> dict[str, str | None]:
         """Map each provider id to its Catena user id (None: unknown on that connection).
@@ -111,7 +110,6 @@ class UserResolver:
                 found = self._look_up(connection_id, missing)
                 for s in missing:
                     self._cache[(connection_id, s)] = found.get(s)
-                self.lookups += len(missing)
             return {s: self._cache[(connection_id, s)] for s in ids}
 
     def _look_up(self, connection_id: str, source_ids: list[str]) -> dict[str, str]:

@@ -17,7 +17,6 @@ from target_catena_messages.catena.classify import FailureKind
 from target_catena_messages.catena.client import (
     Accepted,
     CatenaClient,
-    ClientStats,
     Failure,
     make_session,
 )
@@ -38,7 +37,6 @@ __all__ = [
     "CatenaClient",
     "ClientConfigError",
     "ClientCredentialsTokenProvider",
-    "ClientStats",
     "CredentialsRefused",
     "Failure",
     "FailureKind",

@@ -9,9 +9,7 @@ because only the client knows which token a request used.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -35,7 +33,7 @@ from target_catena_messages.catena.errors import (
 )
 from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport, Response
 
-__all__ = ["Accepted", "CatenaClient", "ClientStats", "Failure", "make_session"]
+__all__ = ["Accepted", "CatenaClient", "Failure", "make_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +80,7 @@ _TEXT_LIMIT = 500
 def make_session(pool_size: int) -> HttpTransport:
     """The transport shared by the client and the token provider, sized for ``pool_size``.
 
-    Named for the requests.Session it replaced, so callers did not change. It never retries,
-    never follows a redirect and always verifies TLS (see :mod:`.transport`).
+    It never retries, never follows a redirect and always verifies TLS (see :mod:`.transport`).
 
     Raises:
         ValueError: ``pool_size`` < 1.
@@ -132,39 +129,6 @@ class Failure:
     elapsed: float
 
 
-class ClientStats:
-    """Thread-safe counters for the run summary: requests and outcomes per endpoint."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._requests: Counter[str] = Counter()
-        self._outcomes: dict[str, Counter[str]] = {}
-        self._auth_retries = 0
-
-    def record(self, endpoint: str, outcome: str) -> None:
-        """Count one request to ``endpoint`` that ended in ``outcome`` (a status or error name)."""
-        with self._lock:
-            self._requests[endpoint] += 1
-            outcomes = self._outcomes.get(endpoint)
-            if outcomes is None:  # not setdefault: that builds a Counter per request
-                outcomes = self._outcomes[endpoint] = Counter()
-            outcomes[outcome] += 1
-
-    def record_auth_retry(self) -> None:
-        """Count one refresh-and-retry after a 401/403."""
-        with self._lock:
-            self._auth_retries += 1
-
-    def snapshot(self) -> dict[str, Any]:
-        """A copy: ``{"requests": {endpoint: n}, "outcomes": {endpoint: {status: n}}, ...}``."""
-        with self._lock:
-            return {
-                "requests": dict(self._requests),
-                "outcomes": {e: dict(c) for e, c in self._outcomes.items()},
-                "auth_retries": self._auth_retries,
-            }
-
-
 class CatenaClient:
     """Typed calls to the Catena API over one shared, thread-safe transport.
 
@@ -189,7 +153,6 @@ class CatenaClient:
         self._tokens = tokens
         self._session = session
         self._timeout = timeout
-        self.stats = ClientStats()
 
     def create_message(
         self, body: Mapping[str, Any], *, is_sync: bool = False
@@ -403,7 +366,6 @@ class CatenaClient:
                 return self._outcome(response, is_sync, kind=FailureKind.REJECTION)
             raise
         for _ in range(_AUTH_ROUNDS):
-            self.stats.record_auth_retry()
             response = self._request(endpoint, method, url, token, params=params, data=data)
             if isinstance(response, Failure) or response.status_code not in (401, 403):
                 return self._outcome(response, is_sync, decode=decode)
@@ -437,11 +399,9 @@ class CatenaClient:
                 method, url, params=params, body=data, headers=headers, timeout=self._timeout
             )
         except SEND_ERRORS as exc:
-            self.stats.record(endpoint, type(exc).__name__)
             kind = classify_exception(exc)
             logger.debug("%s %s failed (%s): %s", method, endpoint, kind.value, exc)
             return _failure(kind, None, None, _one_line(f"{type(exc).__name__}: {exc}"))
-        self.stats.record(endpoint, str(response.status_code))
         return response
 
     def _outcome(
