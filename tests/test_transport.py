@@ -23,6 +23,7 @@ from typing import Any
 import certifi
 import pytest
 import urllib3.exceptions as u3
+import urllib3.util.retry
 
 from target_catena_messages.catena import (
     Accepted,
@@ -332,16 +333,15 @@ def test_pool_never_opens_more_than_pool_size_sockets_under_32_threads() -> None
 
 
 def test_waiting_for_a_socket_longer_than_the_timeout_fails_safe() -> None:
-    with serving(delay=0.8) as server, HttpTransport(1) as transport:
+    with serving(delay=2.0) as server, HttpTransport(1) as transport:
         url = url_of(server)
         slow = threading.Thread(target=transport.request, args=("GET", url), daemon=True)
         slow.start()
         time.sleep(0.2)
-        started = time.monotonic()
         with pytest.raises(u3.EmptyPoolError):
             transport.request("GET", url, timeout=0.2)
-        assert time.monotonic() - started < 0.55
-        slow.join(5)
+        assert slow.is_alive()  # gave up at its own timeout, while the socket was still taken
+        slow.join(10)
         assert len(server.requests) == 1
 
 
@@ -390,15 +390,21 @@ def test_headers_query_and_form_on_the_wire() -> None:
     ],
 )
 def test_urllib3_never_retries_or_redirects_even_a_get(
-    status: int, headers: dict[str, str]
+    status: int, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    slept: list[float] = []
+    real_sleep = time.sleep
+
+    def watched_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(urllib3.util.retry.time, "sleep", watched_sleep)
     with serving(status=status, headers=headers) as server, HttpTransport(2) as transport:
-        started = time.monotonic()
         answer = transport.request("GET", url_of(server) + "/v2/telematics/users")
-        elapsed = time.monotonic() - started
     assert answer.status_code == status
     assert len(server.requests) == 1
-    assert elapsed < 0.9  # no Retry-After sleep either
+    assert not [s for s in slept if s >= 1]  # no Retry-After sleep either
 
 
 def test_body_and_form_together_are_a_programming_error() -> None:
