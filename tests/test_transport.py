@@ -23,7 +23,6 @@ from typing import Any
 import certifi
 import pytest
 import urllib3.exceptions as u3
-import urllib3.util.retry
 
 from target_catena_messages.catena import (
     Accepted,
@@ -399,7 +398,7 @@ def test_urllib3_never_retries_or_redirects_even_a_get(
         slept.append(seconds)
         real_sleep(seconds)
 
-    monkeypatch.setattr(urllib3.util.retry.time, "sleep", watched_sleep)
+    monkeypatch.setattr(time, "sleep", watched_sleep)  # what urllib3's Retry.sleep calls
     with serving(status=status, headers=headers) as server, HttpTransport(2) as transport:
         answer = transport.request("GET", url_of(server) + "/v2/telematics/users")
     assert answer.status_code == status
