@@ -619,6 +619,10 @@ def test_a_429_of_a_create_is_a_shared_pause_that_uses_no_retry() -> None:
     end = state.increment(SAFE, 429, 3.0)
     assert isinstance(end, GiveUp)  # 12 s of pauses > 10 s
     assert (end.reason, end.retryable, end.pause) == (GiveUpReason.TIME, True, 3.0)
+    after_ambiguous = steps(policy, (AMBIGUOUS, 500, None), *[(SAFE, 429, 5.0)] * 2)
+    assert isinstance(after_ambiguous, GiveUp)  # out of time on 429s, but maybe sent before
+    assert (after_ambiguous.reason, after_ambiguous.maybe_sent) == (GiveUpReason.TIME, True)
+    assert not after_ambiguous.retryable
     without_wait = policy.increment(SAFE, 429, None, rng=RNG)
     assert isinstance(without_wait, RetryPolicy)
     assert without_wait.wait == 0.25  # no retry-after: the backoff (half of 0.5)

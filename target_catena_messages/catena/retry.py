@@ -245,15 +245,14 @@ class RetryPolicy:
     ) -> RetryPolicy | GiveUp:
         """A 429 of a create: one shared pause, paid from the waiting budget, not from retries.
 
-        The give-up reports ``maybe_sent=False``: the rate limit answered before Catena looked at
-        the request. An earlier ambiguous attempt is the caller's to weigh (delivery keeps it on
-        the message).
+        The give-up keeps ``maybe_sent`` from earlier attempts: the 429 itself sent nothing, but
+        an earlier ambiguous attempt may have, so such a message must not be resent blindly.
         """
         pause = retry_after or self.backoff(self.retries, rng)
         waited = self.waited + pause
         history = (*self.history, Attempt(kind, 429, pause))
         if waited > self.max_retry_seconds:
-            return GiveUp(GiveUpReason.TIME, False, False, None, history, pause)
+            return GiveUp(GiveUpReason.TIME, self.maybe_sent, False, None, history, pause)
         return replace(
             self, waited=waited, wait=pause, shared_pause=True, look_up=False, history=history
         )
