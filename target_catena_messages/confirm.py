@@ -1,7 +1,7 @@
 """Confirmation: ask Catena what finally became of the operations a run queued.
 
 A 202 means Catena queued a message, not that the driver's device got it; the resource operation
-(catena-api.md §3b) ends ``success`` or ``failed`` later. :func:`confirm_operations` polls those
+ends ``success`` or ``failed`` later. :func:`confirm_operations` polls those
 operations politely — a bounded pool of threads, one shared pause for every 429, a growing wait
 between rounds — until each has ended or the timeout has passed. The small pure functions below it
 turn the answers into what the run records: ledger updates, dead letters (stage ``confirmation``,
@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 from target_catena_messages.catena.client import CatenaClient, Failure
 from target_catena_messages.ledger import ConfirmedStatus, Ledger
-from target_catena_messages.retry import FailureKind
+from target_catena_messages.retry import FailureKind, RetryPolicy
+from target_catena_messages.throttle import Throttle
 
 __all__ = [
     "Confirmation",
@@ -78,28 +79,31 @@ class Confirmation:
     logs: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _SharedPause:
-    """One pause for every polling thread: Catena's rate limit is per client, not per thread."""
+class _Either(threading.Event):
+    """Set when the caller's stop or our own halt is: what ``Throttle.wait_turn`` checks."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._until = 0.0
+    def __init__(self, stop: threading.Event, halt: threading.Event) -> None:
+        super().__init__()
+        self._stop, self._halt = stop, halt
 
-    def extend(self, seconds: float) -> None:
-        """A 429: nobody starts a request for ``seconds`` from now."""
-        with self._lock:
-            self._until = max(self._until, time.monotonic() + max(seconds, 0.0))
+    def is_set(self) -> bool:
+        return self._stop.is_set() or self._halt.is_set()
 
-    def wait(self, stopped: Callable[[], bool]) -> bool:
-        """Block until the pause is over; False when ``stopped()`` turned true meanwhile."""
-        while True:
-            with self._lock:
-                delay = self._until - time.monotonic()
-            if delay <= 0:
-                return True
-            if stopped():
-                return False
-            time.sleep(min(delay, 0.1))
+
+def rounds_policy(poll_every: float) -> RetryPolicy:
+    """The waits between confirmation rounds (docs/retry.md): ``poll_every``, growing 1.5x to 30 s.
+
+    No jitter (one poller, not many clients returning at once) and no count: the time budget is
+    the caller's ``timeout_seconds``, measured on the clock because requests take time too.
+    """
+    base = max(poll_every, 0.001)
+    return RetryPolicy(
+        max_retries=0,
+        base_seconds=base,
+        cap_seconds=max(_MAX_ROUND_WAIT, base),
+        growth=_ROUND_GROWTH,
+        jitter=False,
+    )
 
 
 @dataclass
@@ -119,6 +123,7 @@ def confirm_operations(
     max_concurrency: int,
     poll_every: float = 2.0,
     stop: threading.Event | None = None,
+    throttle: Throttle | None = None,
 ) -> list[Confirmation]:
     """Poll each operation until it is ``success`` or ``failed``, or the time is up.
 
@@ -135,6 +140,8 @@ def confirm_operations(
         max_concurrency: Most GET requests in flight at once.
         poll_every: Seconds before the second round.
         stop: Set to end early (a signal); unanswered operations stay ``pending``.
+        throttle: Where 429 pauses are shared (the run's, when it has one); by default one of
+            this call's own that only pauses, learning no rate.
 
     Raises:
         CredentialsRefused: The credentials were refused; nothing can be confirmed.
@@ -145,24 +152,21 @@ def confirm_operations(
         return []
     stop = stop or threading.Event()
     halt = threading.Event()  # ours: a fatal error in one worker ends the others' work
-
-    def stopped() -> bool:
-        return stop.is_set() or halt.is_set()
-
+    stopped = _Either(stop, halt)
     deadline = time.monotonic() + max(timeout_seconds, 0.0)
-    pause = _SharedPause()
+    pause = throttle or Throttle(adaptive=False)
+    waits = rounds_policy(poll_every)
     seen = [_Seen() for _ in items]
     todo = list(range(len(items)))
-    wait = poll_every
     rounds = 0
     with ThreadPoolExecutor(
         max_workers=min(max_concurrency, len(items)), thread_name_prefix="confirm"
     ) as pool:
 
         def ask(index: int, first: bool) -> None:
-            if stopped() or (not first and time.monotonic() >= deadline):
+            if stopped.is_set() or (not first and time.monotonic() >= deadline):
                 return
-            if pause.wait(stopped):
+            if pause.wait_turn(stopped):
                 _ask(client, items[index], seen[index], pause, poll_every)
 
         while todo and not stop.is_set():
@@ -177,8 +181,7 @@ def confirm_operations(
             remaining = deadline - time.monotonic()
             if not todo or remaining <= 0:
                 break
-            stop.wait(min(wait, remaining))
-            wait = min(wait * _ROUND_GROWTH, _MAX_ROUND_WAIT)
+            stop.wait(min(waits.ceiling(rounds - 1), remaining))
     results = [s.final or _unfinished(item, s) for item, s in zip(items, seen, strict=True)]
     counts = Counter(c.status for c in results)
     logger.info(
@@ -192,14 +195,14 @@ def confirm_operations(
 
 
 def _ask(
-    client: CatenaClient, item: Pending, seen: _Seen, pause: _SharedPause, default_pause: float
+    client: CatenaClient, item: Pending, seen: _Seen, pause: Throttle, default_pause: float
 ) -> None:
     """One GET; updates ``seen`` (a worker owns its item for the round: no lock needed)."""
     answer = client.get_operation(item.connection_id, item.operation_id)
     if isinstance(answer, Failure):
         seen.problem = answer.message
         if answer.status == 429:
-            pause.extend(answer.retry_after if answer.retry_after is not None else default_pause)
+            pause.pause(answer.retry_after if answer.retry_after is not None else default_pause)
         elif answer.kind is FailureKind.REJECTION:
             seen.final = Confirmation(
                 item, "pending", None, f"could not be checked: {answer.message}", seen.logs

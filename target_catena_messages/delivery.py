@@ -16,6 +16,9 @@ Why this shape:
   all) so one failing driver does not slow the others, and a surplus worker retires once the
   parked one is back.
 - *One throttle*: a 429 pauses everybody (see throttle.py).
+- *One retry model*: whether and when to resend, the lookup before an ambiguous resend, and the
+  rejection breaker are the policy's (``catena/retry.py``, docs/retry.md); this module only
+  carries its answers out (sleeps, pauses, lookups).
 - The engine never touches the ledger, the dead letters or STATE: it reports each Outcome through
   a callback; the run's recorder makes it durable.
 """
@@ -29,13 +32,14 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from target_catena_messages.catena.client import Accepted, CatenaClient, Failure
 from target_catena_messages.errors import FatalError
 from target_catena_messages.outcome import Message, Outcome, Resolution
-from target_catena_messages.retry import FailureKind, RetryPolicy
+from target_catena_messages.retry import GiveUp, GiveUpReason, RejectionBreaker, RetryPolicy
 from target_catena_messages.throttle import Throttle
 
 logger = logging.getLogger(__name__)
@@ -46,39 +50,6 @@ class OperationLookup(Protocol):
 
     def find(self, message: Message) -> tuple[str | None, int]:
         """Return (operation id, number of candidates); an id only when exactly one matched."""
-
-
-class RejectionBreaker:
-    """Trips after N rejections in a row with one status on one connection (contract §2).
-
-    A revoked grant or a wrong body version rejects every message: stop the run instead of
-    dead-lettering the whole backlog.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._lock = threading.Lock()
-        self._streaks: dict[str | None, tuple[int, int]] = {}
-
-    def rejected(self, connection_id: str | None, status: int | None) -> str | None:
-        """Count a rejection; return the fatal reason once the limit is reached."""
-        with self._lock:
-            last, count = self._streaks.get(connection_id, (None, 0))
-            count = count + 1 if last == status else 1
-            self._streaks[connection_id] = (status or 0, count)
-        if count >= self._limit:
-            return (
-                f"{count} rejections in a row with status {status} on connection {connection_id}"
-                " (max_consecutive_rejections): check credentials, grants and message_schema"
-            )
-        return None
-
-    def accepted(self, connection_id: str | None) -> None:
-        """Any acceptance ends the streak."""
-        if connection_id not in self._streaks:  # the common case, without the lock
-            return
-        with self._lock:
-            self._streaks.pop(connection_id, None)
 
 
 class FairSlots:
@@ -134,7 +105,7 @@ class Delivery:
         policy: RetryPolicy,
         throttle: Throttle,
         max_concurrency: int,
-        max_ambiguous_resends: int,
+        max_ambiguous_resends: int | None = None,
         max_consecutive_rejections: int,
         is_sync: bool = False,
         lookup: OperationLookup | None = None,
@@ -142,9 +113,10 @@ class Delivery:
     ) -> None:
         self._client = client
         self._on_outcome = on_outcome
+        if max_ambiguous_resends is not None:
+            policy = replace(policy, max_ambiguous_resends=max_ambiguous_resends)
         self._policy = policy
         self._throttle = throttle
-        self._max_ambiguous_resends = max_ambiguous_resends
         self._is_sync = is_sync
         self._lookup = lookup
         self._breaker = RejectionBreaker(max_consecutive_rejections)
@@ -171,12 +143,11 @@ class Delivery:
 
     # -- the caller's side -------------------------------------------------------------------
 
-    def submit(self, message: Message) -> None:
-        """Queue a message behind earlier ones of its lane; returns at once."""
-        self.submit_many((message,))
-
     def submit_many(self, messages: Sequence[Message]) -> None:
-        """``submit`` each message, in order, under one hold of the lock (a batch at a time)."""
+        """Queue each message behind earlier ones of its lane, in order; returns at once.
+
+        One hold of the lock for the whole batch.
+        """
         if not messages:
             return
         with self._lock:
@@ -190,12 +161,6 @@ class Delivery:
                 lanes[message.lane] = deque()
                 heapq.heappush(ready, (message.seq, next(tiebreak), message))
                 self._staff()
-
-    @property
-    def outstanding(self) -> int:
-        """Messages submitted and not yet given an outcome."""
-        with self._lock:
-            return self._outstanding
 
     @property
     def in_flight(self) -> int:
@@ -346,9 +311,14 @@ class Delivery:
             return self._client.create_message(message.body, is_sync=self._is_sync)
 
     def _deliver(self, message: Message) -> Outcome:
-        retries = 0
-        waited = 0.0
-        resends = 1 if message.recover else 0
+        """Send until accepted or given up; the policy decides every retry (docs/retry.md).
+
+        The state starts as the policy itself, so a first attempt that is accepted allocates
+        nothing for retrying.
+        """
+        state = self._policy
+        if message.recover or message.maybe_sent:
+            state = state.resume(resends=1 if message.recover else 0, maybe_sent=message.maybe_sent)
         if message.recover:
             found = self._look_up(message)
             if found is not None:
@@ -360,33 +330,30 @@ class Delivery:
             if isinstance(result, Accepted):
                 self._breaker.accepted(message.connection_id)
                 return Outcome(message, Resolution.ACCEPTED, operation_id=result.operation_id)
-            if result.kind is FailureKind.REJECTION:
-                return self._rejected(message, result)
-            if result.status == 429:
-                pause = result.retry_after or self._policy.backoff(retries)
-                self._throttle.pause(pause)
-                waited += pause
-                if waited > self._policy.max_retry_seconds:
-                    return self._given_up(message, result, "api")
-                continue
-            if result.kind is FailureKind.AMBIGUOUS:
+            step = state.increment(
+                result.kind,
+                result.status,
+                result.retry_after,
+                breaker=self._breaker,
+                scope=message.connection_id,
+            )
+            if step.look_up:
                 message.maybe_sent = True
                 self._count("ambiguous_sends")
                 found = self._look_up(message)
                 if found is not None:
                     return found
-                if resends >= self._max_ambiguous_resends:
-                    return self._given_up(message, result, "ambiguous", retryable=False)
-                resends += 1
-            wait = self._policy.backoff(retries)
-            if not self._policy.may_retry(retries, waited, wait):
-                stage = "ambiguous" if message.maybe_sent else "api"
-                return self._given_up(message, result, stage, retryable=not message.maybe_sent)
-            retries += 1
-            waited += wait
+            if isinstance(step, GiveUp):
+                if step.pause:
+                    self._throttle.pause(step.pause)
+                return self._given_up(message, result, step)
+            state = step
+            if step.shared_pause:
+                self._throttle.pause(step.wait)
+                continue
             self._count("retries")
             with self._parked_worker():
-                stopped = self._stop.wait(wait)
+                stopped = self._stop.wait(step.wait)
             if stopped:
                 return Outcome(message, Resolution.ABANDONED)
 
@@ -418,24 +385,14 @@ class Delivery:
             retryable=False,
         )
 
-    def _rejected(self, message: Message, result: Failure) -> Outcome:
-        self._count("rejections")
-        reason = self._breaker.rejected(message.connection_id, result.status)
-        if reason is not None:
-            self._fail(FatalError(reason))
-        return Outcome(
-            message,
-            Resolution.DEAD_LETTERED,
-            stage="api",
-            errors=_api_errors(result),
-            status=result.status,
-            api_error=result.api_error,
-            retryable=False,
-        )
-
-    def _given_up(
-        self, message: Message, result: Failure, stage: str, *, retryable: bool = True
-    ) -> Outcome:
+    def _given_up(self, message: Message, result: Failure, end: GiveUp) -> Outcome:
+        if end.fatal is not None:
+            self._fail(FatalError(end.fatal))
+        if end.reason is GiveUpReason.REJECTED:
+            self._count("rejections")
+            stage = "api"
+        else:
+            stage = "ambiguous" if end.maybe_sent else "api"
         return Outcome(
             message,
             Resolution.DEAD_LETTERED,
@@ -443,7 +400,7 @@ class Delivery:
             errors=_api_errors(result),
             status=result.status,
             api_error=result.api_error,
-            retryable=retryable,
+            retryable=end.retryable,
         )
 
 

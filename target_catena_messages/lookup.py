@@ -1,8 +1,8 @@
 """Before resending an ambiguous send, look for the operation Catena may already have created.
 
-Catena has no idempotency key (catena-api.md §5). A send that timed out, was reset after the
+Catena has no idempotency key. A send that timed out, was reset after the
 request went out, or got a 500/502/504 may have created a message; so may a claim left behind by a
-process that died. The only trace is the resource-operation LIST (§3c): operations of one
+process that died. The only trace is the resource-operation LIST: operations of one
 connection, ``resource=message``, ``operation=create``, in a time window. We match on the payload
 *as Catena stores it* — keys reordered, nulls dropped, resolved source ids added — so a match means
 every non-null field we sent is there with the same value.
@@ -32,6 +32,8 @@ from target_catena_messages.catena.client import CatenaClient, Failure, Operatio
 from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.ledger import Ledger
 from target_catena_messages.outcome import Message
+from target_catena_messages.retry import FailureKind, GiveUp, RetryPolicy
+from target_catena_messages.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,17 @@ logger = logging.getLogger(__name__)
 # claim a dead run made before sending) by more than this. Every operation of the window is held
 # in memory while a lookup needs it, so the window is kept as narrow as safety allows.
 _MARGIN = timedelta(seconds=30)
-_LIST_ATTEMPTS = 4
+#: How one read of the list (or of one operation) is retried (docs/retry.md): 4 attempts,
+#: 2, 4 then 6 s apart (or as the server asks), never for a rejection.
+READ_POLICY = RetryPolicy(
+    max_retries=3,
+    max_retry_seconds=float("inf"),
+    base_seconds=2.0,
+    cap_seconds=6.0,
+    jitter=False,
+    idempotent=True,
+    count_throttled=True,
+)
 _UNREADABLE = object()
 # A refresh re-reads this much before the last read, beyond the lag: operations still appearing.
 _REFRESH_OVERLAP = timedelta(seconds=10)
@@ -128,8 +140,12 @@ class CatenaOperationLookup:
         lag_seconds: float,
         stop: threading.Event,
         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        policy: RetryPolicy = READ_POLICY,
+        throttle: Throttle | None = None,
     ) -> None:
         self._client = client
+        self._policy = policy
+        self._throttle = throttle  # delivery's: reads share its 429 pauses and rate
         self._ledger = ledger
         self._lag = timedelta(seconds=lag_seconds)
         self._refresh_every = (self._lag + _REFRESH_OVERLAP) / 2
@@ -225,9 +241,11 @@ class CatenaOperationLookup:
         run's memory peak. A retried read re-adds nothing (``add`` skips known ids), and a
         failed one leaves ``read_at`` as it was, so the next refresh starts from the same point.
         """
-        for attempt in range(_LIST_ATTEMPTS):
+        state: RetryPolicy | None = self._policy
+        while state is not None:
             snap.last_read = 0
             try:
+                self._take_turn()
                 for op in self._client.list_operation_summaries(
                     connection_id, from_datetime=start, to_datetime=now + timedelta(seconds=5)
                 ):
@@ -235,8 +253,7 @@ class CatenaOperationLookup:
                     snap.last_read += 1
             except CatenaApiError as exc:
                 logger.warning("reading Catena's operation list failed: %s", exc)
-                if self._give_up(attempt, exc.retry_after):
-                    return False
+                state = self._retry(state, exc.kind, exc.status, exc.retry_after)
                 continue
             snap.read_at = now
             snap.prune(min(self._active, default=snap.since))
@@ -245,17 +262,33 @@ class CatenaOperationLookup:
 
     def _payload(self, connection_id: str, operation_id: str) -> object:
         """The stored payload of one operation; None if it is gone; ``_UNREADABLE`` on failure."""
-        for attempt in range(_LIST_ATTEMPTS):
+        state: RetryPolicy | None = self._policy
+        while state is not None:
+            self._take_turn()
             answer = self._client.get_operation(connection_id, operation_id)
             if not isinstance(answer, Failure):
                 return answer.get("payload")
             if answer.status == 404:
                 return None
             logger.warning("reading Catena's operation %s failed: %s", operation_id, answer.message)
-            if self._give_up(attempt, answer.retry_after):
-                break
+            state = self._retry(state, answer.kind, answer.status, answer.retry_after)
         return _UNREADABLE
 
-    def _give_up(self, attempt: int, retry_after: float | None) -> bool:
-        """After failed read ``attempt``: out of attempts, or stopped while waiting to retry."""
-        return attempt + 1 == _LIST_ATTEMPTS or self._stop.wait(retry_after or 2.0 * (attempt + 1))
+    def _take_turn(self) -> None:
+        """Wait out a 429 pause delivery's senders share (when the run gave us its throttle)."""
+        if self._throttle is not None:
+            self._throttle.wait_turn(self._stop)
+
+    def _retry(
+        self, state: RetryPolicy, kind: FailureKind, status: int | None, retry_after: float | None
+    ) -> RetryPolicy | None:
+        """After a failed read: the next state once its wait is over; None to give up.
+
+        None also when the run stopped while waiting.
+        """
+        step = state.increment(kind, status, retry_after)
+        if isinstance(step, GiveUp):
+            return None
+        if step.shared_pause and self._throttle is not None:
+            self._throttle.pause(step.wait)
+        return None if self._stop.wait(step.wait) else step

@@ -23,14 +23,24 @@ from target_catena_messages.body.validate import BodyValidator
 from target_catena_messages.body.versions import BodyVersion, UserIdField
 from target_catena_messages.catena.client import CatenaClient
 from target_catena_messages.catena.errors import CatenaApiError
-from target_catena_messages.retry import FailureKind
+from target_catena_messages.retry import GiveUp, RetryPolicy
+from target_catena_messages.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
-_ATTEMPTS = 5
 # Stands in for a user id not yet resolved, so the rest of a body can be validated before any
 # lookup (and a dry run can validate without one); a v4 uuid no Catena user has.
 PLACEHOLDER_USER_ID = "00000000-0000-4000-8000-000000000000"
+#: How a users lookup is retried (docs/retry.md): 5 attempts, 1, 2, 4 then 8 s apart (or as the
+#: server asks), never for a rejection.
+USERS_POLICY = RetryPolicy(
+    max_retries=4,
+    max_retry_seconds=float("inf"),
+    base_seconds=1.0,
+    jitter=False,
+    idempotent=True,
+    count_throttled=True,
+)
 
 
 @dataclass(frozen=True)
@@ -135,13 +145,19 @@ class UserResolver:
     """Provider id -> Catena user id, per connection, cached for the run."""
 
     def __init__(
-        self, client: CatenaClient, *, sleep: Callable[[float], None] = time.sleep
+        self,
+        client: CatenaClient,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        policy: RetryPolicy = USERS_POLICY,
+        throttle: Throttle | None = None,
     ) -> None:
         self._client = client
         self._sleep = sleep
+        self._policy = policy
+        self._throttle = throttle  # delivery's: lookups share its 429 pauses and rate
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], str | None] = {}
-        self.lookups = 0  # ids asked of the API (each at most once per run)
 
     def resolve(self, connection_id: str, source_ids: Iterable[str]) -> dict[str, str | None]:
         """Map each provider id to its Catena user id (None: unknown on that connection).
@@ -156,19 +172,24 @@ class UserResolver:
                 found = self._look_up(connection_id, missing)
                 for s in missing:
                     self._cache[(connection_id, s)] = found.get(s)
-                self.lookups += len(missing)
             return {s: self._cache[(connection_id, s)] for s in ids}
 
     def _look_up(self, connection_id: str, source_ids: list[str]) -> dict[str, str]:
-        for attempt in range(_ATTEMPTS):
+        state = self._policy
+        while True:
+            if self._throttle is not None:
+                self._throttle.wait_turn()
             try:
                 users = self._client.list_users(connection_id, source_ids)
             except CatenaApiError as exc:
-                if exc.kind is FailureKind.REJECTION or attempt + 1 == _ATTEMPTS:
+                step = state.increment(exc.kind, exc.status, exc.retry_after)
+                if isinstance(step, GiveUp):
                     raise
-                wait = exc.retry_after or min(30.0, 2.0**attempt)
-                logger.info("users lookup: %s; retrying in %.1f s", exc, wait)
-                self._sleep(wait)
+                if step.shared_pause and self._throttle is not None:
+                    self._throttle.pause(step.wait)
+                logger.info("users lookup: %s; retrying in %.1f s", exc, step.wait)
+                self._sleep(step.wait)
+                state = step
                 continue
             return {
                 str(u["source_id"]): str(u["id"])
@@ -177,4 +198,3 @@ class UserResolver:
                 and u.get("id")
                 and u.get("connection_id") in (None, connection_id)
             }
-        return {}  # pragma: no cover - the loop returns or raises

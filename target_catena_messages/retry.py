@@ -1,287 +1,38 @@
-"""The retry policy as a value object: what an outcome means for a resend, and how long to wait.
+"""The retry model and failure classification, as the target's modules import them.
 
-Pure (no I/O), like urllib3's ``Retry``: the client turns responses and exceptions into a
-:class:`FailureKind` with :func:`classify_status` / :func:`classify_exception`, and delivery asks
-:class:`RetryPolicy` whether and when to try again. Keeping these decisions here makes them
-exhaustively testable without a server.
-
-The one question every classification answers is *could Catena have processed the request?*
-Catena has no idempotency key, so guessing "not sent" wrongly duplicates a driver message; every
-doubt therefore resolves to :attr:`FailureKind.AMBIGUOUS`.
+Both live in the client package (``catena/classify.py`` and ``catena/retry.py``) because the
+client's own loops use them and the client imports nothing from the target; this module only
+names them for the target's side. Where to change a policy: docs/retry.md.
 """
 
 from __future__ import annotations
 
-import http.client
-import math
-import random
-import ssl
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
-from enum import Enum
-from typing import Any
-
-import urllib3.exceptions as u3
-from urllib3.util.ssl_match_hostname import CertificateError
+from target_catena_messages.catena.classify import (
+    FailureKind,
+    RequestNotSendable,
+    classify_exception,
+    classify_status,
+    retry_after_seconds,
+)
+from target_catena_messages.catena.retry import (
+    Attempt,
+    GiveUp,
+    GiveUpReason,
+    RejectionBreaker,
+    RetryPolicy,
+    always,
+)
 
 __all__ = [
+    "Attempt",
     "FailureKind",
+    "GiveUp",
+    "GiveUpReason",
+    "RejectionBreaker",
     "RequestNotSendable",
     "RetryPolicy",
+    "always",
     "classify_exception",
     "classify_status",
     "retry_after_seconds",
 ]
-
-
-class FailureKind(str, Enum):
-    """What a failed send means for sending the same message again."""
-
-    SAFE = "safe"
-    """Catena cannot have processed it: resend after a backoff."""
-    AMBIGUOUS = "ambiguous"
-    """Catena may have processed it: look for an existing operation before any resend."""
-    AUTH = "auth"
-    """The token was refused: refresh it once and retry once."""
-    REJECTION = "rejection"
-    """Catena (or the request itself) refused the message: resending the same body cannot help."""
-
-
-class RequestNotSendable(ValueError):
-    """The transport refused to build a request (e.g. a header value with a newline).
-
-    Raised before any byte is sent, and deterministic: resending the same request cannot help.
-    Its message never quotes the offending value, which may be a token.
-    """
-
-
-_ACCEPTED = frozenset({200, 201, 202})
-_FIXED: dict[int, FailureKind] = {
-    408: FailureKind.SAFE,
-    429: FailureKind.SAFE,
-    503: FailureKind.SAFE,
-    401: FailureKind.AUTH,
-    403: FailureKind.AUTH,
-    501: FailureKind.REJECTION,  # the TSP cannot do this at all; resending will not change that
-}
-
-
-def classify_status(status: int, body: Any, *, is_sync: bool) -> FailureKind | None:
-    """Classify an HTTP status (and, for a sync 502, its operation body).
-
-    408 is SAFE although the brief lists "other 4xx" as rejections: a 408 says the server gave up
-    *before* it had the whole request, so it cannot have been processed, and dead-lettering a
-    message for a transient proxy timeout would be wrong.
-
-    Args:
-        status: The response status code (redirects are never followed, so 3xx arrive here).
-        body: The parsed JSON body, or None when it was not JSON.
-        is_sync: Whether the request used ``?is_sync=true``; only then does a 502 carry an
-            operation whose logs tell a TSP refusal from a TSP outage.
-
-    Returns:
-        None when the request was accepted (200/201/202), else the failure kind.
-    """
-    if status in _ACCEPTED:
-        return None
-    if status == 502 and is_sync:
-        return _classify_sync_502(body)
-    if status in _FIXED:
-        return _FIXED[status]
-    if 300 <= status < 500:
-        return FailureKind.REJECTION
-    # 500/502/504 and unknown 5xx may have been processed; so may an unexpected 2xx or 1xx.
-    return FailureKind.AMBIGUOUS
-
-
-def _classify_sync_502(body: Any) -> FailureKind:
-    """A sync 502 is a rejection unless the operation's last attempt failed transiently.
-
-    A 502 without an operation body did not come from Catena's sync path (a gateway answered),
-    so nothing says the request was not processed: AMBIGUOUS.
-    """
-    if not isinstance(body, Mapping) or not any(k in body for k in ("id", "status", "logs")):
-        return FailureKind.AMBIGUOUS
-    logs = body.get("logs")
-    if not isinstance(logs, list) or not logs or not isinstance(logs[-1], Mapping):
-        return FailureKind.REJECTION
-    last = logs[-1]
-    if last.get("error_type") == "network":
-        return FailureKind.AMBIGUOUS
-    code = last.get("response_status_code")
-    if isinstance(code, int) and not isinstance(code, bool) and (code == 429 or code >= 500):
-        return FailureKind.AMBIGUOUS
-    return FailureKind.REJECTION
-
-
-# Evidence that the request never left this process (nothing to duplicate).
-_NOT_SENT: tuple[type[BaseException], ...] = (
-    u3.ConnectTimeoutError,  # includes NewConnectionError and NameResolutionError
-    u3.ClosedPoolError,
-    u3.EmptyPoolError,  # no free socket within the timeout (the pool blocks at pool_size)
-    ConnectionRefusedError,
-    ssl.SSLCertVerificationError,  # only raised by the handshake, before any request byte
-    CertificateError,  # urllib3's own hostname check, also during the handshake
-)
-# Evidence that the request (or part of it) was sent: the server may have acted on it.
-_MAYBE_SENT: tuple[type[BaseException], ...] = (
-    u3.ReadTimeoutError,
-    u3.ProtocolError,  # "Connection aborted." around RemoteDisconnected, resets, broken bodies
-    u3.DecodeError,
-    u3.ResponseError,
-    http.client.HTTPException,  # RemoteDisconnected, IncompleteRead, BadStatusLine
-    ConnectionResetError,
-    BrokenPipeError,
-    ConnectionAbortedError,
-)
-# The request could not even be built: deterministic, so resending cannot help.
-_UNSENDABLE: tuple[type[BaseException], ...] = (
-    u3.LocationValueError,  # LocationParseError (bad URL), URLSchemeUnknown, no host
-    RequestNotSendable,
-)
-
-
-def classify_exception(exc: BaseException) -> FailureKind:
-    """Classify an exception raised while sending a request.
-
-    Walks the whole chain (``__cause__``, ``__context__``, urllib3's ``MaxRetryError.reason`` and
-    exceptions nested in ``args``), because urllib3 wraps the socket error that holds the evidence:
-    ``ProtocolError("Connection aborted.", ConnectionResetError(...))``,
-    ``SSLError(SSLCertVerificationError(...))``, ``ProxyError(msg, NewConnectionError(...))``.
-    SAFE needs positive evidence that nothing was sent and no evidence to the contrary; anything
-    else is AMBIGUOUS.
-
-    Returns:
-        SAFE, AMBIGUOUS, or REJECTION for requests that could not be built (bad URL or header).
-    """
-    chain = list(_exception_chain(exc))
-    if any(isinstance(e, _UNSENDABLE) for e in chain):
-        return FailureKind.REJECTION
-    if any(isinstance(e, _MAYBE_SENT) for e in chain):
-        return FailureKind.AMBIGUOUS
-    if any(isinstance(e, _NOT_SENT) for e in chain):
-        return FailureKind.SAFE
-    return FailureKind.AMBIGUOUS
-
-
-def _exception_chain(exc: BaseException, limit: int = 32) -> Iterator[BaseException]:
-    """Yield ``exc`` and every exception linked from it, each once, breadth-first."""
-    seen: set[int] = set()
-    queue: list[BaseException] = [exc]
-    while queue and len(seen) < limit:
-        current = queue.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        linked: list[object] = [current.__cause__, current.__context__]
-        linked.append(getattr(current, "reason", None))  # urllib3 MaxRetryError
-        linked.extend(current.args)
-        queue.extend(e for e in linked if isinstance(e, BaseException))
-
-
-def retry_after_seconds(
-    body: Any, headers: Mapping[str, str], *, now: datetime | None = None
-) -> float | None:
-    """How long the server asked us to wait, in seconds.
-
-    Catena puts the wait in the 429 body (``detail.retry_after_seconds``); a ``Retry-After``
-    header (delta-seconds or an HTTP date) is the fallback a proxy or a future API may use.
-
-    Args:
-        body: The parsed JSON body, or None.
-        headers: Response headers (any mapping; looked up case-insensitively).
-        now: The current time for HTTP-date headers; defaults to the wall clock.
-
-    Returns:
-        A non-negative number of seconds, or None when neither source gives a usable value.
-    """
-    if isinstance(body, Mapping):
-        detail = body.get("detail")
-        if isinstance(detail, Mapping):
-            seconds = _as_seconds(detail.get("retry_after_seconds"))
-            if seconds is not None:
-                return seconds
-    raw = _header(headers, "retry-after")
-    if raw is None:
-        return None
-    seconds = _as_seconds(raw.strip())
-    if seconds is not None:
-        return seconds
-    try:
-        when = parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    current = now or datetime.now(timezone.utc)
-    return max(0.0, (when - current).total_seconds())
-
-
-def _as_seconds(value: Any) -> float | None:
-    """A finite non-negative float from an int, float or numeric string, else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return max(0.0, float(value))
-    return None
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """Case-insensitive header lookup that works for plain dicts too."""
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if k.lower() == name), None)
-    return value if isinstance(value, str) else None
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how long one message may be retried.
-
-    Attributes:
-        max_retries: Retries after the first attempt (429 waits are the caller's and don't count).
-        max_retry_seconds: Cap on the total time one message may spend waiting to be retried.
-        base_seconds: Backoff ceiling for the first retry; it doubles with every retry.
-        cap_seconds: Largest ceiling a single backoff may reach.
-    """
-
-    max_retries: int = 6
-    max_retry_seconds: float = 900.0
-    base_seconds: float = 0.5
-    cap_seconds: float = 30.0
-
-    def __post_init__(self) -> None:
-        """Reject nonsensical settings early, where the mistake is made."""
-        if self.max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
-        if self.max_retry_seconds < 0:
-            raise ValueError("max_retry_seconds must be >= 0")
-        if self.base_seconds <= 0 or self.cap_seconds < self.base_seconds:
-            raise ValueError("need 0 < base_seconds <= cap_seconds")
-
-    def ceiling(self, attempt: int) -> float:
-        """The largest backoff for retry number ``attempt`` (0-based): base * 2**attempt, capped."""
-        exponent = min(max(attempt, 0), 64)  # 2**64 * base is far beyond any cap; avoids overflow
-        return min(self.cap_seconds, self.base_seconds * 2.0**exponent)
-
-    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait before retry number ``attempt`` (0-based), with full jitter.
-
-        Full jitter (uniform between 0 and the ceiling) spreads retries of many messages that
-        failed together, so they don't return as one burst and trip the rate limit again.
-        """
-        return (rng or random).uniform(0.0, self.ceiling(attempt))
-
-    def may_retry(self, retries_done: int, waited_seconds: float, next_wait: float) -> bool:
-        """Whether one more retry fits in both the count and the total waiting-time budget."""
-        return (
-            retries_done < self.max_retries and waited_seconds + next_wait <= self.max_retry_seconds
-        )

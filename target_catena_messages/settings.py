@@ -20,6 +20,7 @@ from target_catena_messages.body import versions
 from target_catena_messages.body.validate import value_problems
 from target_catena_messages.body.versions import BodyVersion
 from target_catena_messages.catena.auth import require_safe_url
+from target_catena_messages.catena.errors import ClientConfigError
 from target_catena_messages.errors import ConfigError
 
 DEFAULT_AUTH_URL = "https://auth.catenatelematics.com/realms/catena/protocol/openid-connect/token"
@@ -282,7 +283,7 @@ class Settings:
         for name in ("api_url", "auth_url"):
             try:
                 require_safe_url(getattr(self, name), name)
-            except ConfigError as exc:
+            except ClientConfigError as exc:
                 problems.append(str(exc))
         if self.message_schema in versions.names():
             problems.extend(self._body_problems(self.body_version))

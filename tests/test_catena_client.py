@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import certifi
@@ -28,11 +29,16 @@ from target_catena_messages.catena import (
     Failure,
     HttpTransport,
     StaticTokenProvider,
+    TokenNotRefreshable,
     TokenUnavailable,
     make_session,
 )
-from target_catena_messages.errors import ConfigError
+from target_catena_messages.catena.errors import ClientConfigError
+from target_catena_messages.connect import client_from_settings
+from target_catena_messages.errors import ConfigError, FatalError
+from target_catena_messages.redact import Redactor
 from target_catena_messages.retry import FailureKind
+from target_catena_messages.settings import Settings
 
 TOKEN_PATH = "/realms/catena/protocol/openid-connect/token"
 REVOKE_PATH = "/realms/catena/protocol/openid-connect/revoke"
@@ -205,7 +211,7 @@ def test_429_is_safe_with_its_wait(
     result = kit.client.create_message(source_body())
     assert isinstance(result, Failure)
     assert (result.status, result.kind, result.retry_after) == (429, FailureKind.SAFE, retry_after)
-    assert kit.client.stats.snapshot()["outcomes"]["messages"] == {"429": 1}
+    assert kit.sandbox.stats()["status_counts"]["messages"] == {"429": 1}
 
 
 @pytest.mark.parametrize(
@@ -328,8 +334,7 @@ def test_401_after_revocation_refreshes_once_then_succeeds(kit_factory: Callable
     assert isinstance(result, Accepted)
     assert kit.tokens.requests_made == 2
     assert kit.sandbox.stats()["token_requests"] == 2
-    assert kit.client.stats.snapshot()["auth_retries"] == 1
-    assert kit.client.stats.snapshot()["outcomes"]["messages"] == {"202": 2, "401": 1}
+    assert kit.sandbox.stats()["status_counts"]["messages"] == {"202": 2, "401": 1}  # one resend
 
 
 def test_401_forever_is_a_rejection_after_one_refresh(kit_factory: Callable[..., Kit]) -> None:
@@ -481,7 +486,7 @@ def test_short_token_is_refreshed_before_it_expires(kit_factory: Callable[..., K
         sent += 1
     assert sent > 20
     assert 2 <= kit.sandbox.stats()["token_requests"] <= 4
-    assert kit.client.stats.snapshot()["auth_retries"] == 0
+    assert set(kit.sandbox.stats()["status_counts"]["messages"]) == {"202"}  # no auth retry
 
 
 def test_refresh_margin_is_a_tenth_of_short_lifetimes(
@@ -601,7 +606,7 @@ def test_list_operations_follows_pages(kit_factory: Callable[..., Kit]) -> None:
         )
     )  # fmt: skip
     assert [op["id"] for op in listed] == ids
-    assert kit.client.stats.snapshot()["requests"]["operations"] == 3
+    assert kit.sandbox.stats()["requests"]["operations"] == 3
 
 
 def test_list_operation_summaries_carry_id_time_and_text(kit_factory: Callable[..., Kit]) -> None:
@@ -698,9 +703,9 @@ def test_list_users_failure_raises(kit_factory: Callable[..., Kit]) -> None:
     ["http://api.catenatelematics.com", "ftp://127.0.0.1", "api.catenatelematics.com", "https://"],
 )
 def test_insecure_or_malformed_urls_are_refused(url: str, session: HttpTransport) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ClientConfigError):
         CatenaClient(url, StaticTokenProvider("t"), session)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ClientConfigError):
         ClientCredentialsTokenProvider(session, url, CLIENT_ID, SECRET)
 
 
@@ -751,3 +756,62 @@ def test_closed_transport_fails_safe(sandbox: Any) -> None:
     result = client.create_message(source_body())
     assert isinstance(result, Failure)
     assert (result.status, result.kind) == (None, FailureKind.SAFE)
+
+
+# ---------------------------------------------------------------------------------------------
+# the boundary: what the client cannot go on with ends the target's run
+
+
+def _settings(url: str, tmp_path: Path, **extra: Any) -> Settings:
+    return Settings.from_config(
+        {
+            "api_url": url,
+            "auth_url": url + TOKEN_PATH,
+            "client_id": CLIENT_ID,
+            "client_secret": SECRET,
+            "ledger_url": f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+            "dead_letter_path": str(tmp_path / "dead-letters.jsonl"),
+            **extra,
+        }
+    )
+
+
+def test_refused_credentials_leave_the_built_client_as_a_fatal_error(
+    sandbox_factory: Callable[[dict[str, Any]], Any], tmp_path: Path
+) -> None:
+    box = sandbox_factory(
+        {"credentials": {"client_id": CLIENT_ID, "client_secret": "the-right-one"}}
+    )
+    client, _ = client_from_settings(_settings(box.url, tmp_path), Redactor())
+    with pytest.raises(FatalError) as info:
+        client.create_message(source_body())
+    assert isinstance(info.value, CredentialsRefused)
+    assert "invalid_client" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_a_refused_static_token_is_fatal_but_its_403_stays_one_rejection(
+    sandbox_factory: Callable[[dict[str, Any]], Any], session: HttpTransport, tmp_path: Path
+) -> None:
+    box = sandbox_factory(
+        {"faults": faults({"kind": "forbid", "match": {"connection_id": OTHER_CONN}})}
+    )
+    token = ClientCredentialsTokenProvider(session, box.url + TOKEN_PATH, CLIENT_ID, SECRET).token()
+    client, _ = client_from_settings(_settings(box.url, tmp_path, access_token=token), Redactor())
+    forbidden = client.create_message(source_body(connection_id=OTHER_CONN))
+    assert isinstance(forbidden, Failure)
+    assert (forbidden.status, forbidden.kind) == (403, FailureKind.REJECTION)
+    settings = _settings(box.url, tmp_path, access_token="expired-token-abc")
+    stale, _ = client_from_settings(settings, Redactor())
+    with pytest.raises(FatalError) as info:  # the sandbox never issued this token: a 401
+        stale.create_message(source_body())
+    assert isinstance(info.value, TokenNotRefreshable)
+    assert "expired-token-abc" not in str(info.value)
+
+
+def test_an_unusable_ca_bundle_is_a_configuration_error_of_the_run(
+    sandbox: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match="REQUESTS_CA_BUNDLE"):
+        client_from_settings(_settings(sandbox.url, tmp_path), Redactor())

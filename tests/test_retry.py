@@ -1,4 +1,4 @@
-"""Tests for retry.py: status and exception classification, Retry-After parsing, backoff bounds.
+"""Tests for the retry model and classification: statuses, exceptions, Retry-After, the policy.
 
 Exceptions come from real sockets (a closed port, tiny local servers that misbehave) sent through
 the client's own transport, so the tests follow whatever wrapping urllib3 actually does.
@@ -6,6 +6,7 @@ the client's own transport, so the tests follow whatever wrapping urllib3 actual
 
 from __future__ import annotations
 
+import ast
 import http.client
 import random
 import shutil
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import urllib3.exceptions as u3
@@ -28,9 +30,16 @@ from hypothesis import strategies as st
 from urllib3 import HTTPHeaderDict
 from urllib3.util.ssl_match_hostname import CertificateError
 
+from target_catena_messages.catena.auth import token_policy
 from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport
+from target_catena_messages.confirm import rounds_policy
+from target_catena_messages.lookup import READ_POLICY
+from target_catena_messages.resolve import USERS_POLICY
 from target_catena_messages.retry import (
     FailureKind,
+    GiveUp,
+    GiveUpReason,
+    RejectionBreaker,
     RequestNotSendable,
     RetryPolicy,
     classify_exception,
@@ -549,3 +558,203 @@ def test_policy_is_immutable() -> None:
     policy = RetryPolicy()
     with pytest.raises(AttributeError):
         policy.max_retries = 1  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# RetryPolicy.increment: the one retry model (pure; a fake rng makes every backoff known)
+
+
+class HalfRng(random.Random):
+    """Full jitter always lands halfway: each backoff is half its ceiling."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) / 2
+
+
+RNG = HalfRng()
+
+
+def steps(state: RetryPolicy, *failures: tuple[FailureKind, int | None, float | None]) -> Any:
+    """Apply ``failures`` in turn; the last answer (a state or a GiveUp)."""
+    answer: RetryPolicy | GiveUp = state
+    for kind, status, retry_after in failures:
+        assert isinstance(answer, RetryPolicy), answer
+        answer = answer.increment(kind, status, retry_after, rng=RNG)
+    return answer
+
+
+def test_safe_failures_back_off_and_count_until_max_retries() -> None:
+    policy = RetryPolicy(max_retries=3, base_seconds=1.0, cap_seconds=30.0)
+    state = policy
+    waits = []
+    for _ in range(3):
+        step = state.increment(SAFE, 503, None, rng=RNG)
+        assert isinstance(step, RetryPolicy)
+        assert (step.shared_pause, step.look_up, step.maybe_sent) == (False, False, False)
+        waits.append(step.wait)
+        state = step
+    assert waits == [0.5, 1.0, 2.0]  # half of 1, 2, 4
+    assert (state.retries, state.waited) == (3, 3.5)
+    end = state.increment(SAFE, 503, None, rng=RNG)
+    assert isinstance(end, GiveUp)
+    assert (end.reason, end.retryable, end.look_up) == (GiveUpReason.RETRIES, True, False)
+    assert [a.status for a in end.history] == [503] * 4
+    assert policy.retries == 0  # the policy itself never changes
+
+
+def test_the_waiting_budget_ends_retries_before_the_count_does() -> None:
+    policy = RetryPolicy(max_retries=10, max_retry_seconds=2.0, base_seconds=1.0)
+    end = steps(policy, (SAFE, None, None), (SAFE, None, None), (SAFE, None, None))
+    assert isinstance(end, GiveUp)  # waits 0.5 + 1.0, then 2.0 would pass the 2 s budget
+    assert end.reason is GiveUpReason.TIME
+    assert len(end.history) == 3
+
+
+def test_a_429_of_a_create_is_a_shared_pause_that_uses_no_retry() -> None:
+    policy = RetryPolicy(max_retries=1, max_retry_seconds=10.0)
+    state = steps(policy, *[(SAFE, 429, 3.0)] * 3)
+    assert isinstance(state, RetryPolicy)
+    assert (state.retries, state.waited, state.wait, state.shared_pause) == (0, 9.0, 3.0, True)
+    assert not state.look_up
+    end = state.increment(SAFE, 429, 3.0)
+    assert isinstance(end, GiveUp)  # 12 s of pauses > 10 s
+    assert (end.reason, end.retryable, end.pause) == (GiveUpReason.TIME, True, 3.0)
+    after_ambiguous = steps(policy, (AMBIGUOUS, 500, None), *[(SAFE, 429, 5.0)] * 2)
+    assert isinstance(after_ambiguous, GiveUp)  # out of time on 429s, but maybe sent before
+    assert (after_ambiguous.reason, after_ambiguous.maybe_sent) == (GiveUpReason.TIME, True)
+    assert not after_ambiguous.retryable
+    without_wait = policy.increment(SAFE, 429, None, rng=RNG)
+    assert isinstance(without_wait, RetryPolicy)
+    assert without_wait.wait == 0.25  # no retry-after: the backoff (half of 0.5)
+
+
+def test_an_ambiguous_create_is_looked_up_before_it_is_resent_or_given_up() -> None:
+    policy = RetryPolicy(max_ambiguous_resends=1)
+    first = policy.increment(AMBIGUOUS, 500, None, rng=RNG)
+    assert isinstance(first, RetryPolicy)
+    assert (first.look_up, first.maybe_sent, first.resends, first.retries) == (True, True, 1, 1)
+    second = first.increment(AMBIGUOUS, None, None, rng=RNG)
+    assert isinstance(second, GiveUp)
+    assert (second.reason, second.look_up, second.retryable) == (
+        GiveUpReason.RESENDS,
+        True,
+        False,
+    )
+
+
+def test_a_create_that_may_have_been_sent_is_never_retryable_when_it_gives_up() -> None:
+    policy = RetryPolicy(max_retries=1, max_ambiguous_resends=5)
+    end = steps(policy, (AMBIGUOUS, 504, None), (SAFE, 503, None))
+    assert isinstance(end, GiveUp)
+    assert (end.reason, end.maybe_sent, end.retryable, end.look_up) == (
+        GiveUpReason.RETRIES,
+        True,
+        False,
+        False,
+    )
+
+
+def test_resume_carries_a_send_of_an_earlier_run() -> None:
+    resumed = RetryPolicy(max_ambiguous_resends=1).resume(resends=1, maybe_sent=True)
+    end = resumed.increment(AMBIGUOUS, None, None, rng=RNG)
+    assert isinstance(end, GiveUp)
+    assert end.reason is GiveUpReason.RESENDS
+    safe_end = steps(
+        RetryPolicy(max_retries=0).resume(resends=0, maybe_sent=True), (SAFE, None, None)
+    )
+    assert isinstance(safe_end, GiveUp)
+    assert not safe_end.retryable
+
+
+def test_a_rejection_gives_up_at_once_and_feeds_the_breaker() -> None:
+    policy = RetryPolicy()
+    breaker = RejectionBreaker(2)
+    first = policy.increment(REJECTION, 422, None, breaker=breaker, scope="conn")
+    assert isinstance(first, GiveUp)
+    assert (first.reason, first.retryable, first.fatal) == (GiveUpReason.REJECTED, False, None)
+    second = policy.increment(REJECTION, 422, None, breaker=breaker, scope="conn")
+    assert isinstance(second, GiveUp)
+    assert second.fatal is not None
+    assert second.fatal.startswith("2 rejections in a row with status 422 on connection conn")
+    assert policy.increment(REJECTION, 422).fatal is None  # type: ignore[union-attr]
+
+
+def test_a_read_retries_ambiguous_failures_and_counts_429s() -> None:
+    read = RetryPolicy(max_retries=2, idempotent=True, count_throttled=True, jitter=False)
+    first = read.increment(AMBIGUOUS, 500, None)
+    assert isinstance(first, RetryPolicy)
+    assert (first.look_up, first.maybe_sent, first.resends, first.wait) == (False, False, 0, 0.5)
+    second = first.increment(SAFE, 429, 7.0)
+    assert isinstance(second, RetryPolicy)
+    assert (second.retries, second.wait, second.shared_pause) == (2, 7.0, True)
+    assert isinstance(second.increment(SAFE, 429, 7.0), GiveUp)
+    honoured = read.increment(SAFE, 503, 4.0)
+    assert isinstance(honoured, RetryPolicy)
+    assert honoured.wait == 4.0  # a read honours the server's wait whatever the status
+    create = RetryPolicy(jitter=False).increment(SAFE, 503, 4.0)
+    assert isinstance(create, RetryPolicy)
+    assert create.wait == 0.5  # a create backs off: its 429s have the shared pause instead
+
+
+def test_an_unavailable_catena_uses_up_no_retries() -> None:
+    up = [False]
+    policy = RetryPolicy(max_retries=1, max_retry_seconds=1.0, available=lambda: up[0])
+    state = steps(policy, *[(SAFE, None, None)] * 20)
+    assert isinstance(state, RetryPolicy)
+    assert (state.retries, state.waited, len(state.history)) == (0, 0.0, 20)
+    up[0] = True
+    state = steps(state, (SAFE, None, None))
+    assert isinstance(state, RetryPolicy)
+    assert state.retries == 1
+    assert isinstance(state.increment(SAFE, None, None, rng=RNG), GiveUp)
+    rejected = RetryPolicy(available=lambda: False).increment(REJECTION, 400)
+    assert isinstance(rejected, GiveUp)  # an outage does not make a rejection retryable
+
+
+def test_each_caller_keeps_its_numbers() -> None:
+    def waits(policy: RetryPolicy) -> list[float]:
+        out: list[float] = []
+        state: RetryPolicy | GiveUp = policy
+        while isinstance(state, RetryPolicy):
+            state = state.increment(SAFE, 503, None, rng=RNG)
+            if isinstance(state, RetryPolicy):
+                out.append(state.wait)
+        return out
+
+    assert waits(READ_POLICY) == [2.0, 4.0, 6.0]  # 4 attempts, linear
+    assert waits(USERS_POLICY) == [1.0, 2.0, 4.0, 8.0]  # 5 attempts, 2**n without jitter
+    token = token_policy(5)
+    assert (token.max_retries, token.max_retry_seconds, token.cap_seconds) == (4, 30.0, 8.0)
+    assert waits(token) == [0.25, 0.5, 1.0, 2.0]  # full jitter (half of each ceiling here)
+    rounds = rounds_policy(2.0)
+    assert [rounds.ceiling(n) for n in range(8)] == [
+        2.0,
+        3.0,
+        4.5,
+        6.75,
+        10.125,
+        15.1875,
+        22.78125,
+        30.0,
+    ]
+
+
+def test_the_client_package_imports_nothing_from_the_rest_of_the_target() -> None:
+    package = Path(__file__).resolve().parents[1] / "target_catena_messages"
+    outside = []
+    for path in sorted((package / "catena").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+                if node.module == "target_catena_messages":
+                    names = [f"target_catena_messages.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            outside += [
+                f"{path.name}: {n}"
+                for n in names
+                if n.startswith("target_catena_messages")
+                and not n.startswith("target_catena_messages.catena")
+            ]
+    assert outside == []

@@ -20,15 +20,15 @@ from typing import Any, Protocol
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
-from target_catena_messages import jsonutil
+from target_catena_messages.catena.classify import FailureKind, json_or_none, retry_after_seconds
 from target_catena_messages.catena.errors import (
+    ClientConfigError,
     CredentialsRefused,
     TokenNotRefreshable,
     TokenUnavailable,
 )
+from target_catena_messages.catena.retry import GiveUp, RetryPolicy
 from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport
-from target_catena_messages.errors import ConfigError
-from target_catena_messages.retry import RetryPolicy, retry_after_seconds
 
 __all__ = [
     "ClientCredentialsTokenProvider",
@@ -46,6 +46,22 @@ MAX_REFRESH_MARGIN_SECONDS = 60.0
 FALLBACK_LIFETIME_SECONDS = 60.0
 #: Total waiting budget for retrying the token endpoint before giving up on this message.
 TOKEN_RETRY_SECONDS = 30.0
+
+
+def token_policy(max_attempts: int = 5) -> RetryPolicy:
+    """How the token endpoint is retried (docs/retry.md): a token request creates nothing.
+
+    So every transient failure, a 429 included, uses up one of ``max_attempts`` and the server's
+    retry-after is honoured; full-jitter backoff from 0.5 s up to 8 s, 30 s of waiting in all.
+    """
+    return RetryPolicy(
+        max_retries=max(0, max_attempts - 1),
+        max_retry_seconds=TOKEN_RETRY_SECONDS,
+        base_seconds=0.5,
+        cap_seconds=8.0,
+        idempotent=True,
+        count_throttled=True,
+    )
 
 
 class TokenProvider(Protocol):
@@ -79,22 +95,22 @@ def require_safe_url(url: str, setting: str) -> str:
         The URL without a trailing slash.
 
     Raises:
-        ConfigError: The URL is not https (or loopback http), has no host, carries credentials
+        ClientConfigError: The URL is not https (or loopback http), has no host, carries credentials
             or cannot be parsed.
     """
     try:
         parts = parse_url(url)
     except LocationParseError as exc:
-        raise ConfigError(f"{setting} is not a valid URL: {exc}") from None
+        raise ClientConfigError(f"{setting} is not a valid URL: {exc}") from None
     if parts.auth:
-        raise ConfigError(f"{setting} must not carry credentials")
+        raise ClientConfigError(f"{setting} must not carry credentials")
     scheme = (parts.scheme or "").lower()
     host = (parts.host or "").strip("[]")
     if scheme == "https" and host:
         return url.rstrip("/")
     if scheme == "http" and is_loopback(host):
         return url.rstrip("/")
-    raise ConfigError(
+    raise ClientConfigError(
         f"{setting} must be an https:// URL (plain http:// only for loopback hosts: "
         f"127.0.0.0/8, ::1, localhost), got {scheme or 'no'} scheme for host {host or '(none)'!r}"
     )
@@ -115,7 +131,7 @@ class StaticTokenProvider:
 
     def __init__(self, access_token: str) -> None:
         if not access_token or not access_token.strip():
-            raise ConfigError("access_token is empty")
+            raise ClientConfigError("access_token is empty")
         self._token = access_token.strip()
 
     def token(self) -> str:
@@ -145,6 +161,7 @@ class _Issued:
 class _Transient:
     reason: str
     retry_after: float | None
+    status: int | None = None
 
 
 class ClientCredentialsTokenProvider:
@@ -170,6 +187,7 @@ class ClientCredentialsTokenProvider:
         *,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self._session = session
         self._auth_url = require_safe_url(auth_url, "auth_url")
@@ -180,12 +198,7 @@ class ClientCredentialsTokenProvider:
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._policy = RetryPolicy(
-            max_retries=max(0, max_attempts - 1),
-            max_retry_seconds=TOKEN_RETRY_SECONDS,
-            base_seconds=0.5,
-            cap_seconds=8.0,
-        )
+        self._policy = policy or token_policy(max_attempts)
         self._lock = threading.Lock()
         self._token: str | None = None
         self._refresh_at = 0.0
@@ -224,7 +237,7 @@ class ClientCredentialsTokenProvider:
 
     def _fetch(self) -> str:
         """Request a token, retrying transient failures; the caller holds the lock."""
-        retries, waited = 0, 0.0
+        state = self._policy
         while True:
             started = self._clock()
             outcome = self._attempt()
@@ -238,23 +251,22 @@ class ClientCredentialsTokenProvider:
                     outcome.lifetime,
                 )
                 return outcome.token
-            wait = outcome.retry_after
-            if wait is None:
-                wait = self._policy.backoff(retries, self._rng)
-            if not self._policy.may_retry(retries, waited, wait):
+            step = state.increment(
+                FailureKind.SAFE, outcome.status, outcome.retry_after, rng=self._rng
+            )
+            if isinstance(step, GiveUp):
                 raise TokenUnavailable(
-                    f"no access token from {self._auth_url} after {retries + 1} attempt(s): "
-                    f"{outcome.reason}"
+                    f"no access token from {self._auth_url} after {len(step.history)} "
+                    f"attempt(s): {outcome.reason}"
                 )
             logger.warning(
                 "Token request to %s failed (%s); retrying in %.1f s",
                 self._auth_url,
                 outcome.reason,
-                wait,
+                step.wait,
             )
-            self._sleep(wait)
-            waited += wait
-            retries += 1
+            self._sleep(step.wait)
+            state = step
 
     def _attempt(self) -> _Issued | _Transient:
         """One token request: a token, a transient failure, or CredentialsRefused."""
@@ -271,18 +283,18 @@ class ClientCredentialsTokenProvider:
             )
         except SEND_ERRORS as exc:
             return _Transient(self._redact(f"{type(exc).__name__}: {exc}"), None)
-        body = _json_or_none(response.content)
+        body = json_or_none(response.content)
         status = response.status_code
         if status == 200:
             return self._issued(body)
         if status in (408, 429) or status >= 500:
-            return _Transient(f"HTTP {status}", retry_after_seconds(body, response.headers))
+            return _Transient(f"HTTP {status}", retry_after_seconds(body, response.headers), status)
         raise CredentialsRefused(self._refusal(status, body))
 
     def _issued(self, body: Any) -> _Issued | _Transient:
         token = body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
-            return _Transient("HTTP 200 without an access_token", None)
+            return _Transient("HTTP 200 without an access_token", None, 200)
         lifetime = body.get("expires_in")
         if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or lifetime <= 0:
             logger.warning(
@@ -312,11 +324,3 @@ class ClientCredentialsTokenProvider:
     def _redact(self, text: str) -> str:
         """Belt and braces: the secret never leaves in a message, whatever a server echoes."""
         return text.replace(self._secret, "***") if self._secret else text
-
-
-def _json_or_none(content: bytes) -> Any:
-    """The decoded JSON body, or None when it is empty or not JSON (an HTML error page)."""
-    try:
-        return jsonutil.loads(content)
-    except ValueError:  # msgspec.DecodeError is a ValueError
-        return None

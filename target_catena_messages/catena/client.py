@@ -9,9 +9,7 @@ because only the client knows which token a request used.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -20,22 +18,22 @@ from urllib.parse import quote
 
 import msgspec
 
-from target_catena_messages import jsonutil
 from target_catena_messages.catena.auth import TokenProvider, require_safe_url
+from target_catena_messages.catena.classify import (
+    FailureKind,
+    classify_exception,
+    classify_status,
+    json_or_none,
+    retry_after_seconds,
+)
 from target_catena_messages.catena.errors import (
     CatenaApiError,
     TokenNotRefreshable,
     TokenUnavailable,
 )
 from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport, Response
-from target_catena_messages.retry import (
-    FailureKind,
-    classify_exception,
-    classify_status,
-    retry_after_seconds,
-)
 
-__all__ = ["Accepted", "CatenaClient", "ClientStats", "Failure", "make_session"]
+__all__ = ["Accepted", "CatenaClient", "Failure", "make_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +72,20 @@ class _SummaryPage(msgspec.Struct):
 
 
 _SUMMARY_PAGE = msgspec.json.Decoder(_SummaryPage)
+# Records carry Decimal numbers (singer-sdk parses input that way): sent as JSON numbers.
+_BODY = msgspec.json.Encoder(decimal_format="number")
 _TEXT_LIMIT = 500
 
 
 def make_session(pool_size: int) -> HttpTransport:
     """The transport shared by the client and the token provider, sized for ``pool_size``.
 
-    Named for the requests.Session it replaced, so callers did not change. It never retries,
-    never follows a redirect and always verifies TLS (see :mod:`.transport`).
+    It never retries, never follows a redirect and always verifies TLS (see :mod:`.transport`).
 
     Raises:
         ValueError: ``pool_size`` < 1.
-        ConfigError: The CA bundle (``REQUESTS_CA_BUNDLE``/``SSL_CERT_FILE``) cannot be loaded.
+        ClientConfigError: The CA bundle (``REQUESTS_CA_BUNDLE``/``SSL_CERT_FILE``) cannot be
+            loaded.
     """
     return HttpTransport(pool_size)
 
@@ -129,39 +129,6 @@ class Failure:
     elapsed: float
 
 
-class ClientStats:
-    """Thread-safe counters for the run summary: requests and outcomes per endpoint."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._requests: Counter[str] = Counter()
-        self._outcomes: dict[str, Counter[str]] = {}
-        self._auth_retries = 0
-
-    def record(self, endpoint: str, outcome: str) -> None:
-        """Count one request to ``endpoint`` that ended in ``outcome`` (a status or error name)."""
-        with self._lock:
-            self._requests[endpoint] += 1
-            outcomes = self._outcomes.get(endpoint)
-            if outcomes is None:  # not setdefault: that builds a Counter per request
-                outcomes = self._outcomes[endpoint] = Counter()
-            outcomes[outcome] += 1
-
-    def record_auth_retry(self) -> None:
-        """Count one refresh-and-retry after a 401/403."""
-        with self._lock:
-            self._auth_retries += 1
-
-    def snapshot(self) -> dict[str, Any]:
-        """A copy: ``{"requests": {endpoint: n}, "outcomes": {endpoint: {status: n}}, ...}``."""
-        with self._lock:
-            return {
-                "requests": dict(self._requests),
-                "outcomes": {e: dict(c) for e, c in self._outcomes.items()},
-                "auth_retries": self._auth_retries,
-            }
-
-
 class CatenaClient:
     """Typed calls to the Catena API over one shared, thread-safe transport.
 
@@ -186,7 +153,6 @@ class CatenaClient:
         self._tokens = tokens
         self._session = session
         self._timeout = timeout
-        self.stats = ClientStats()
 
     def create_message(
         self, body: Mapping[str, Any], *, is_sync: bool = False
@@ -202,7 +168,7 @@ class CatenaClient:
             "POST",
             self._messages_url,
             params=[("is_sync", "true")] if is_sync else None,
-            data=jsonutil.dumps(body).encode(),
+            data=_BODY.encode(body),
             is_sync=is_sync,
         )
         elapsed = time.monotonic() - started
@@ -400,7 +366,6 @@ class CatenaClient:
                 return self._outcome(response, is_sync, kind=FailureKind.REJECTION)
             raise
         for _ in range(_AUTH_ROUNDS):
-            self.stats.record_auth_retry()
             response = self._request(endpoint, method, url, token, params=params, data=data)
             if isinstance(response, Failure) or response.status_code not in (401, 403):
                 return self._outcome(response, is_sync, decode=decode)
@@ -434,11 +399,9 @@ class CatenaClient:
                 method, url, params=params, body=data, headers=headers, timeout=self._timeout
             )
         except SEND_ERRORS as exc:
-            self.stats.record(endpoint, type(exc).__name__)
             kind = classify_exception(exc)
             logger.debug("%s %s failed (%s): %s", method, endpoint, kind.value, exc)
             return _failure(kind, None, None, _one_line(f"{type(exc).__name__}: {exc}"))
-        self.stats.record(endpoint, str(response.status_code))
         return response
 
     def _outcome(
@@ -460,7 +423,7 @@ class CatenaClient:
         if decode is not None and 200 <= status < 300 and kind is None:
             body = decode(response.content)
         else:
-            body = _json_or_none(response.content)
+            body = json_or_none(response.content)
         kind = kind or classify_status(status, body, is_sync=is_sync)
         if kind is None:
             return status, body
@@ -498,14 +461,6 @@ def _summary_page(content: bytes) -> _SummaryPage | None:
     try:
         return _SUMMARY_PAGE.decode(content)
     except ValueError:  # msgspec's DecodeError and ValidationError are ValueErrors
-        return None
-
-
-def _json_or_none(content: bytes) -> Any:
-    """The decoded JSON body, or None when it is empty or not JSON (an HTML error page)."""
-    try:
-        return jsonutil.loads(content)
-    except ValueError:  # msgspec.DecodeError is a ValueError
         return None
 
 

@@ -12,7 +12,7 @@ pools and TLS stack underneath. What requests gave us for free is done here once
 - ``HTTPS_PROXY``/``ALL_PROXY``/``NO_PROXY`` are honoured for https origins.
 
 Errors are urllib3's own (``retries=False`` raises the underlying error, e.g.
-``NewConnectionError`` or ``ReadTimeoutError``); ``retry.classify_exception`` reads them.
+``NewConnectionError`` or ``ReadTimeoutError``); ``classify.classify_exception`` reads them.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ from urllib3.exceptions import LocationValueError, URLSchemeUnknown
 from urllib3.util import make_headers, parse_url
 from urllib3.util.ssl_ import create_urllib3_context
 
-from target_catena_messages.errors import ConfigError
-from target_catena_messages.retry import RequestNotSendable
+from target_catena_messages.catena.errors import ClientConfigError, RequestNotSendable
 
 __all__ = ["SEND_ERRORS", "HttpTransport", "Params", "Response", "ca_bundle_from_env"]
 
@@ -48,8 +47,9 @@ logger = logging.getLogger(__name__)
 #: Query parameters: pairs (repeat a key for several values) or a mapping (a list value repeats).
 Params = Sequence[tuple[str, str]] | Mapping[str, str | Sequence[str]]
 
-#: What :meth:`HttpTransport.request` raises for a request that failed (``retry.classify_exception``
-#: says what each means); anything else is a programming error and propagates.
+#: What :meth:`HttpTransport.request` raises for a request that failed
+#: (``classify.classify_exception`` says what each means); anything else is a programming error
+#: and propagates.
 SEND_ERRORS: tuple[type[Exception], ...] = (
     urllib3.exceptions.HTTPError,
     OSError,
@@ -118,7 +118,9 @@ def _verifying_context(path: str, source: str) -> ssl.SSLContext:
         else:
             context.load_verify_locations(cafile=path)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise ConfigError(f"cannot load the CA bundle {path!r} (from {source}): {exc}") from exc
+        raise ClientConfigError(
+            f"cannot load the CA bundle {path!r} (from {source}): {exc}"
+        ) from exc
     return context
 
 
@@ -175,7 +177,7 @@ class HttpTransport:
 
     Raises:
         ValueError: ``pool_size`` < 1.
-        ConfigError: The CA bundle cannot be loaded.
+        ClientConfigError: The CA bundle cannot be loaded.
     """
 
     def __init__(
@@ -278,6 +280,21 @@ class HttpTransport:
         )
         return Response(answer.status, answer.data, answer.headers, answer.reason or "")
 
+    def prepare(self, url: str) -> None:
+        """Set up the pool for ``url``'s origin now (no socket is opened).
+
+        So an unusable proxy setting is an error where the client is built, not a failure of
+        the first request.
+
+        Raises:
+            ClientConfigError: The proxy URL is unusable, or ``url`` cannot be parsed.
+        """
+        try:
+            scheme, host, port, _ = _split(url)
+        except LocationValueError as exc:
+            raise ClientConfigError(f"not a usable URL: {type(exc).__name__}") from None
+        self._pool(scheme, host, port)
+
     def close(self) -> None:
         """Close every pooled socket; a request after this raises ``ClosedPoolError``."""
         with self._lock:
@@ -306,7 +323,7 @@ class HttpTransport:
         """A pool for one origin: direct, or tunnelled through the environment's proxy.
 
         Raises:
-            ConfigError: The proxy URL is unusable (every request would fail the same way).
+            ClientConfigError: The proxy URL is unusable (every request would fail the same way).
         """
         size = self.pool_size
         if scheme == "http":
@@ -337,7 +354,7 @@ class HttpTransport:
                 cert_reqs="CERT_REQUIRED",
             )
         except LocationValueError as exc:  # a bad URL or scheme (socks5://): the same for all
-            raise ConfigError(
+            raise ClientConfigError(
                 f"the proxy set for {host} (HTTPS_PROXY or ALL_PROXY) is not an http(s) proxy URL: "
                 f"{type(exc).__name__}"
             ) from None
