@@ -1,0 +1,755 @@
+"""The golden run: one fixed scenario whose every observable output is pinned in tests/golden/.
+
+A refactor that claims to change no behaviour must leave these files unchanged. The scenario
+drives the real CLI (two runs, one ledger, one dead-letter file) against the real sandbox with a
+seeded fault plan, and covers what exactly-once rests on: several streams (one with a composite
+key), duplicate keys within the input (in one batch and across batches, of valid, invalid and
+Catena-rejected records), keys accepted by the first run and seen again by the second, validation
+dead letters, expired and undatable records, retries that run out (a retryable dead letter the
+second run sends), ambiguous sends settled by a lookup (dropped answers and 500s after processing
+adopted, a plain 500 and a reset resent), a 429, keys a dead run left claimed (one it had sent,
+one it had not) and keys another live process holds (one it completes, one it releases).
+
+What is compared, per run (each file holds both runs):
+
+- ``states.json``: every STATE line, in order;
+- ``dead_letters.json``: the dead-letter file's entries;
+- ``ledger.json``: every ledger row after the run;
+- ``summaries.json``: the summary's JSON line;
+- ``requests.json``: every POST /messages the sandbox received: whose body, answer and fault.
+
+Why it is deterministic:
+
+- One request in flight (``max_concurrency: 1``), and each chunk of input sends on one lane
+  (connection and recipient), so the order of POSTs, retries included, follows from the input
+  alone. The fault plan chooses by request number and a seeded generator drawn once per POST,
+  so the same POSTs get the same faults. Latency is on POSTs only (other endpoints' request
+  counts depend on timing and must not draw from the generator).
+- The input is fed chunk by chunk: each chunk ends with a tap STATE, and the next chunk is written
+  only once the target has written the STATE line for it. So the lines, and what each lists, do
+  not depend on how fast records resolve. The second run's last chunk holds the keys another
+  process has claimed; it ends the input (today the target looks at such keys again while it
+  waits for room or at the end of input), after the holder finished with them.
+- Sink batches of 2 rows and an even number of rows per stream in every chunk: a chunk's records
+  never wait in a half-full batch.
+
+What is masked (the rest is compared as is, fingerprints included):
+
+- run ids: the target's become ``<run 1>``/``<run 2>`` (the dead and the live holder's are fixed);
+- operation ids: ``<op TAG>`` after the message text of the operation Catena stored (every text
+  carries its key's tag, ``<op TAG #2>`` for a second operation of the same text: a duplicate);
+- timestamps (ledger columns, a dead letter's ``at``) become ``<time>`` when set; the elapsed time
+  becomes ``<seconds>``; the fresh records' creation time ``<fresh>``;
+- the work directory and the sandbox URL;
+- order where none is promised: within a STATE line's lists, dead letters within a run (sorted
+  by stream, key, stage), the summary's object keys.
+
+Regenerate after an intended behaviour change with ``UPDATE_GOLDEN=1 pytest tests/test_golden.py``
+and review the diff of tests/golden/ like code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import json
+import os
+import queue
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from target_catena_messages.ledger import ClaimRequest, Ledger, LedgerOutcome
+from target_catena_messages.sandbox.server import Sandbox
+from tests.harness import sandbox_config
+
+GOLDEN_DIR = Path(__file__).with_name("golden")
+ARTEFACTS = ("states", "dead_letters", "ledger", "summaries", "requests")
+TOKEN_PATH = "/realms/catena/protocol/openid-connect/token"
+WAIT = 120.0  # seconds: a guard against a hung run, never an expectation of speed
+
+CONN_A = "0a0a0a0a-1111-4111-8111-111111111111"
+CONN_B = "0b0b0b0b-2222-4222-8222-222222222222"
+ORDERS, YARD, ALERTS = "tms-orders", "tms-yard_moves", "tms-alerts"
+KEY_PROPERTIES = {ORDERS: ["id"], YARD: ["id"], ALERTS: ["fleet", "seq"]}
+TAGS = {ORDERS: "ord", YARD: "yard", ALERTS: "alr"}
+DEAD_RUN = "golden-host-b/31337/deadbeef"  # claimed two keys ten minutes ago, then died
+OTHER_RUN = "golden-host-c/4242/cafef00d"  # alive: holds two keys while the second run starts
+EXPIRED_AT = "2020-02-29T08:00:00Z"
+TAG_IN_TEXT = re.compile(r"^\[([^\]]+)\]")
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+TIME_COLUMNS = ("claimed_at", "lease_until", "ambiguous_since", "resolved_at", "updated_at")
+
+SETTINGS: dict[str, Any] = {
+    "max_concurrency": 1,
+    "batch_size_rows": 2,
+    "max_retries": 2,
+    "operation_lookup_lag_seconds": 0,
+    "message_time_field": "created_at",
+    "max_message_age_hours": 24,
+}
+
+# Request numbers restart with every run's plan (``configure``). Explicit rules come first: the
+# first matching action wins and later rules are not evaluated, so the seeded 503s draw only for
+# POSTs no explicit rule took.
+LATENCY: dict[str, Any] = {"kind": "latency", "ms": 1, "jitter_ms": 4}
+RUN1_FAULTS: dict[str, Any] = {
+    "seed": 1515,
+    "rules": [
+        LATENCY,
+        {"kind": "status", "status": 503, "match": {"requests": [3, 4, 5]}},
+        {"kind": "drop", "match": {"requests": [7]}},
+        {"kind": "status", "status": 500, "match": {"requests": [10]}},
+        {"kind": "status", "status": 422, "match": {"requests": [13]}},
+        {"kind": "status", "status": 500, "after_processing": True, "match": {"requests": [15]}},
+        {"kind": "reset", "match": {"requests": [18]}},
+        {"kind": "status", "status": 429, "retry_after_seconds": 1, "match": {"requests": [22]}},
+        {"kind": "status", "status": 503, "match": {"probability": 0.12}},
+    ],
+}
+RUN2_FAULTS: dict[str, Any] = {
+    "seed": 1622,
+    "rules": [
+        LATENCY,
+        {"kind": "drop", "match": {"requests": [2]}},
+        {"kind": "status", "status": 500, "match": {"requests": [4]}},
+        {"kind": "status", "status": 503, "match": {"probability": 0.12}},
+    ],
+}
+
+
+# -- the scenario's input ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One RECORD of the scenario: its stream and the record."""
+
+    stream: str
+    record: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        """The record key as the target derives it (one property: its text; several: JSON)."""
+        names = KEY_PROPERTIES[self.stream]
+        if len(names) == 1:
+            return str(self.record[names[0]])
+        return json.dumps([self.record[n] for n in names], separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows followed by one tap STATE; the next chunk is written once its line is out."""
+
+    name: str
+    rows: list[Row]
+
+
+def row(
+    stream: str,
+    key: Any,
+    driver: str,
+    *,
+    created: str | None,
+    conn: str = CONN_A,
+    **fields: Any,
+) -> Row:
+    """A dispatch message whose text starts with its tag (``[ord:3]``).
+
+    So every POST, operation and payload names its key; ``created=None`` leaves the time out.
+    """
+    if stream == ALERTS:
+        fleet, seq = key
+        record: dict[str, Any] = {"fleet": fleet, "seq": seq}
+        tag = f"{TAGS[stream]}:{fleet}-{seq}"
+    else:
+        record = {"id": key}
+        tag = f"{TAGS[stream]}:{key}"
+    record.update(
+        {
+            "connection_id": conn,
+            "source_sender_id": "dispatcher-7",
+            "source_recipient_ids": [driver],
+            "message_text": f"[{tag}] Load {tag.upper()}: report to dock 4",
+            "priority": "high",
+            "created_at": created,
+        }
+    )
+    if created is None:
+        del record["created_at"]
+    record.update(fields)
+    return Row(stream, record)
+
+
+def scenario(fresh: str) -> tuple[list[Chunk], list[Chunk]]:
+    """The two runs' input. ``fresh`` is a creation time within the age limit."""
+    o = functools.partial(row, ORDERS, created=fresh)
+    y = functools.partial(row, YARD, created=fresh)
+    a = functools.partial(row, ALERTS, created=fresh, conn=CONN_B)
+    run1 = [
+        Chunk(
+            "run1/c1",  # lane A/driver-1; ord:2 twice in one batch, yard:3 invalid, yard:4 expired
+            [
+                o(1, "driver-1"),
+                y(1, "driver-1"),
+                o(2, "driver-1"),
+                y(2, "driver-1"),
+                o(3, "driver-1"),
+                o(2, "driver-1"),
+                y(3, "driver-1", priority="urgent"),
+                row(YARD, 4, "driver-1", created=EXPIRED_AT),
+            ],
+        ),
+        Chunk(
+            "run1/c2",  # lane B/driver-2; the same key in two streams; invalid and undatable rows
+            [
+                a(("F1", 1), "driver-2"),
+                y(5, "driver-2", message_text="   "),
+                a(("F1", 2), "driver-2"),
+                y(5, "driver-2", message_text="   "),
+                a(("F2", 1), "driver-2"),
+                a(("F2", 1), "driver-2"),
+                row(YARD, 6, "driver-2", created="the day before yesterday"),
+                row(YARD, 7, "driver-2", created=None),
+                a(("F2", 2), "driver-2"),
+                a(("F3", 1), "driver-2", connection_id=None),
+            ],
+        ),
+        Chunk(
+            "run1/c3",  # lane A/driver-3; the dead run's two keys, then fresh ones
+            [
+                o("R1", "driver-3"),
+                o("R2", "driver-3"),
+                y(8, "driver-3"),
+                o(4, "driver-3"),
+                o(5, "driver-3"),
+                y(9, "driver-3"),
+            ],
+        ),
+        Chunk(
+            "run1/c4",  # lane B/driver-4; ord:3 again, accepted two chunks ago
+            [
+                o(6, "driver-4", conn=CONN_B),
+                o(7, "driver-4", conn=CONN_B),
+                y(10, "driver-4", conn=CONN_B),
+                o(3, "driver-1"),
+                y(11, "driver-4", conn=CONN_B, priority=None),
+                o(8, "driver-4", conn=CONN_B),
+            ],
+        ),
+    ]
+    run2 = [
+        Chunk("run2/c1", list(run1[0].rows)),  # all seen before: duplicates, earlier dead letters
+        Chunk(
+            "run2/c2",  # lane B/driver-2; yard:3 fixed (a new body), the rejected alert again, and
+            # this run's own dead letters
+            [
+                y(3, "driver-2", conn=CONN_B, priority="low"),
+                a(("F2", 1), "driver-2"),
+                y(12, "driver-2", conn=CONN_B),
+                a(("F4", 1), "driver-2"),
+                a(("F5", 1), "driver-2", priority="urgent"),
+                a(("F5", 2), "driver-2", created=EXPIRED_AT),
+            ],
+        ),
+        Chunk(
+            "run2/c3",  # lane A/driver-5; the live process's two keys lead the last chunk
+            [
+                o("H1", "driver-5"),
+                o("H2", "driver-5"),
+                y(13, "driver-5"),
+                o(9, "driver-5"),
+                o(10, "driver-5"),
+                y(14, "driver-5"),
+            ],
+        ),
+    ]
+    return run1, run2
+
+
+def schema_lines() -> list[str]:
+    properties: dict[str, Any] = {
+        name: {}
+        for name in (
+            "id",
+            "fleet",
+            "seq",
+            "connection_id",
+            "source_sender_id",
+            "source_recipient_ids",
+            "message_text",
+            "priority",
+            "created_at",
+        )
+    }
+    return [
+        json.dumps(
+            {
+                "type": "SCHEMA",
+                "stream": stream,
+                "schema": {"type": "object", "properties": properties},
+                "key_properties": keys,
+            }
+        )
+        for stream, keys in KEY_PROPERTIES.items()
+    ]
+
+
+def chunk_lines(chunk: Chunk) -> list[str]:
+    lines = [
+        json.dumps({"type": "RECORD", "stream": r.stream, "record": r.record}) for r in chunk.rows
+    ]
+    state = {"bookmarks": {"tms": {"chunk": chunk.name}}}
+    lines.append(json.dumps({"type": "STATE", "value": state}))
+    return lines
+
+
+def body_of(r: Row) -> dict[str, Any]:
+    """The source_ids body the target builds for a valid row (what a dead or live run sent)."""
+    fields = (
+        "connection_id",
+        "source_sender_id",
+        "source_recipient_ids",
+        "message_text",
+        "priority",
+    )
+    return {f: r.record[f] for f in fields if r.record.get(f) is not None}
+
+
+# -- the target, fed chunk by chunk --------------------------------------------------------------
+
+
+class LiveTarget:
+    """The real CLI with input on a pipe, STATE lines collected as they come."""
+
+    def __init__(self, workdir: Path, config_path: Path, name: str) -> None:
+        self.stderr_path = workdir / f"{name}.stderr"
+        self.states: list[dict[str, Any]] = []
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        with self.stderr_path.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "target_catena_messages", "--config", str(config_path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                cwd=workdir,
+            )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self._lines.put(raw.decode())
+        self._lines.put(None)
+
+    def send(self, lines: Sequence[str]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(("\n".join(lines) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def wait_for_state(self, chunk: str) -> None:
+        """Block until the STATE line for ``chunk`` is out (it covers every row of the chunk)."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                text = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no STATE for {chunk}; stderr:\n{self.stderr()[-3000:]}")
+            if text is None:
+                pytest.fail(f"the target ended before {chunk}; stderr:\n{self.stderr()[-3000:]}")
+            state = json.loads(text)
+            self.states.append(state)
+            if state["bookmarks"]["tms"]["chunk"] == chunk:
+                return
+
+    def finish(self) -> int:
+        """End of input: wait for the exit and collect the lines written at the end."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        code = self.proc.wait(WAIT)
+        self._reader.join(WAIT)
+        while True:
+            text = self._lines.get_nowait()
+            if text is None:
+                return code
+            self.states.append(json.loads(text))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def summary(self) -> dict[str, Any]:
+        for line in self.stderr().splitlines():
+            if line.startswith('{"summary":'):
+                return dict(json.loads(line)["summary"])
+        pytest.fail(f"no summary line; stderr:\n{self.stderr()[-3000:]}")
+
+
+# -- the other processes: a dead run and a live one, through the ledger's own API ----------------
+
+
+def fingerprint(label: str) -> str:
+    """A stand-in body fingerprint for a claim another process made (any hex digest will do)."""
+    return hashlib.sha256(label.encode()).hexdigest()
+
+
+def claim_for(ledger: Ledger, rows: Sequence[Row], *, now: datetime) -> None:
+    results = ledger.claim(
+        [
+            ClaimRequest(
+                r.stream, r.key, fingerprint(f"{ledger.run_id}:{r.key}"), r.record["connection_id"]
+            )
+            for r in rows
+        ],
+        now=now,
+    )
+    assert [res.decision.value for res in results] == ["send"] * len(rows)
+
+
+def post_directly(sandbox: Sandbox, body: Mapping[str, Any]) -> str:
+    """What another process's POST left at Catena: an operation; returns its id."""
+    form = (
+        "grant_type=client_credentials&client_id=other&client_secret=other-secret"
+        "&scope=organization"
+    )
+    token_request = urllib.request.Request(
+        sandbox.url + TOKEN_PATH, data=form.encode(), method="POST"
+    )
+    with urllib.request.urlopen(token_request, timeout=10) as response:
+        token = json.loads(response.read())["access_token"]
+    request = urllib.request.Request(
+        sandbox.url + "/v2/telematics/messages",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return str(json.loads(response.read())["id"])
+
+
+def ledger_rows(path: Path) -> list[dict[str, Any]]:
+    """Every ledger row, read with plain sqlite3 (not the target's code), in key order."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute(
+            "SELECT * FROM catena_message_ledger ORDER BY namespace, key"
+        ).fetchall()
+    finally:
+        conn.close()
+    return [dict(r) for r in rows]
+
+
+def wait_until_resolved(path: Path, rows: Sequence[Row]) -> None:
+    """Until every row's key has an outcome in the ledger (accepted or dead-lettered)."""
+    wanted = {(r.stream, r.key) for r in rows}
+    deadline = time.monotonic() + WAIT
+    while True:
+        done = {
+            (r["namespace"], r["key"])
+            for r in ledger_rows(path)
+            if r["status"] in ("accepted", "dead_lettered")
+        }
+        if wanted <= done:
+            return
+        assert time.monotonic() < deadline, f"never resolved: {sorted(wanted - done)}"
+        time.sleep(0.05)
+
+
+# -- masking -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Masks:
+    """What varies from one golden run to the next, and what each becomes."""
+
+    replacements: dict[str, str] = field(default_factory=dict)  # exact substrings
+    operations: dict[str, str] = field(default_factory=dict)  # operation id -> label
+
+    def operation_labels(self, operations: Sequence[Mapping[str, Any]]) -> None:
+        """Label each operation by the tag of the text Catena stored (in creation order)."""
+        seen: dict[str, int] = {}
+        for op in operations:
+            found = TAG_IN_TEXT.match(str(op["payload"].get("message_text", "")))
+            tag = found.group(1) if found else "?"
+            seen[tag] = seen.get(tag, 0) + 1
+            self.operations[op["id"]] = (
+                f"<op {tag}>" if seen[tag] == 1 else f"<op {tag} #{seen[tag]}>"
+            )
+
+    def text(self, value: str) -> str:
+        for old, new in self.replacements.items():
+            value = value.replace(old, new)
+        return UUID.sub(lambda m: self.operations.get(m.group(0), m.group(0)), value)
+
+    def apply(self, value: Any, key: str | None = None) -> Any:
+        if isinstance(value, dict):
+            return {k: self.apply(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.apply(v) for v in value]
+        if isinstance(value, str):
+            if key in TIME_COLUMNS or key == "at":
+                return "<time>"
+            return self.text(value)
+        if key == "elapsed_seconds":
+            return "<seconds>"
+        return value
+
+
+def normalised_states(states: list[dict[str, Any]], masks: Masks) -> list[Any]:
+    lines = []
+    for state in states:
+        ours = state["target_catena_messages"]
+        ours["operations"] = sorted(ours["operations"])
+        ours["dead_letters"] = sorted(ours["dead_letters"])
+        lines.append(masks.apply(state))
+    return lines
+
+
+def normalised_dead_letters(path: Path, run_id: str, masks: Masks) -> list[Any]:
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    mine = [e for e in entries if e["run_id"] == run_id]
+    mine.sort(key=lambda e: (e["stream"], e["key"], e["stage"]))
+    return [masks.apply(e) for e in mine]
+
+
+def normalised_requests(received: Sequence[Mapping[str, Any]], masks: Masks) -> list[Any]:
+    """Each POST /messages: whose body, the answer, the faults that fired, the operation made."""
+    out = []
+    for entry in received:
+        body = entry["body"]
+        text = body.get("message_text", "") if isinstance(body, dict) else ""
+        found = TAG_IN_TEXT.match(str(text))
+        out.append(
+            {
+                "n": entry["n"],
+                "tag": found.group(1) if found else None,
+                "status": entry["status"],
+                "fault": entry["fault"],
+                "operation": masks.operations.get(
+                    entry["operation_id"] or "", entry["operation_id"]
+                ),
+            }
+        )
+    return out
+
+
+# -- comparing -----------------------------------------------------------------------------------
+
+
+def dump(value: Any) -> str:
+    return json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def compare_with_golden(actual: Mapping[str, Any], out_dir: Path) -> None:
+    """Each artefact against its golden file; every mismatch shown as a unified diff.
+
+    ``out_dir`` holds this run's artefacts (named in the diff) for a closer look.
+    """
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN_DIR.mkdir(exist_ok=True)
+        for name in ARTEFACTS:
+            (GOLDEN_DIR / f"{name}.json").write_text(dump(actual[name]))
+        return
+    diffs = []
+    for name in ARTEFACTS:
+        text = dump(actual[name])
+        golden_path = GOLDEN_DIR / f"{name}.json"
+        if not golden_path.exists():
+            diffs.append(f"{golden_path} is missing (UPDATE_GOLDEN=1 writes it)")
+            continue
+        expected = golden_path.read_text()
+        if text != expected:
+            diffs.append(
+                "".join(
+                    difflib.unified_diff(
+                        expected.splitlines(keepends=True),
+                        text.splitlines(keepends=True),
+                        f"golden/{name}.json",
+                        f"this run: {out_dir / name}.json",
+                    )
+                )
+            )
+    if diffs:
+        pytest.fail(
+            "the golden run differs (intended? regenerate with UPDATE_GOLDEN=1 and review):\n"
+            + "\n".join(diffs),
+            pytrace=False,
+        )
+
+
+# -- the test ------------------------------------------------------------------------------------
+
+
+class GoldenRun:
+    """The sandbox, the shared work directory and ledger, and what each run left behind."""
+
+    def __init__(self, workdir: Path, sandbox: Sandbox, fresh: str) -> None:
+        self.workdir = workdir
+        self.sandbox = sandbox
+        self.fresh = fresh
+        self.ledger_path = workdir / "ledger.sqlite"
+        self.ledger_url = f"sqlite:///{self.ledger_path}"
+        self.config_path = workdir / "config.json"
+        self.config_path.write_text(
+            json.dumps(
+                sandbox_config(
+                    sandbox.url,
+                    **SETTINGS,
+                    dead_letter_path=str(workdir / "dead-letters.jsonl"),
+                    ledger_url=self.ledger_url,
+                )
+            )
+        )
+        self.targets: list[LiveTarget] = []
+        self.summaries: list[dict[str, Any]] = []
+        self.results: dict[str, dict[str, Any]] = {name: {} for name in ARTEFACTS}
+        self._received = 0
+
+    def quiet(self) -> None:
+        """No fault plan: what other processes do between runs meets no fault meant for a run."""
+        self.sandbox.configure({"message_schema": "source_ids"})
+
+    def run(
+        self,
+        name: str,
+        chunks: Sequence[Chunk],
+        faults: Mapping[str, Any],
+        before_end: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """One run of the CLI, chunk by chunk; ``before_end`` runs after the last chunk is sent.
+
+        Without ``before_end`` the last chunk's STATE is awaited too; with it, the input ends
+        right after it (the last chunk then resolves at the end of input, see the docstring).
+        """
+        self.sandbox.configure({"message_schema": "source_ids", "faults": faults})
+        target = LiveTarget(self.workdir, self.config_path, name)
+        self.targets.append(target)
+        target.send(schema_lines())
+        for chunk in chunks:
+            target.send(chunk_lines(chunk))
+            if chunk is not chunks[-1] or before_end is None:
+                target.wait_for_state(chunk.name)
+        if before_end is not None:
+            before_end()
+        code = target.finish()
+        summary = target.summary()
+        assert code == summary["exit_code"], target.stderr()[-3000:]
+        self.summaries.append(summary)
+        self._collect(name, target, summary["run_id"])
+        return summary
+
+    def _collect(self, name: str, target: LiveTarget, run_id: str) -> None:
+        masks = Masks()
+        masks.operation_labels(self.sandbox.operations())
+        masks.replacements.update(
+            {str(self.workdir): "<workdir>", self.sandbox.url: "<sandbox>", self.fresh: "<fresh>"}
+        )
+        for i, summary in enumerate(self.summaries, 1):
+            masks.replacements[summary["run_id"]] = f"<run {i}>"
+        received = self.sandbox.received()
+        results = self.results
+        results["states"][name] = normalised_states(target.states, masks)
+        results["dead_letters"][name] = normalised_dead_letters(
+            self.workdir / "dead-letters.jsonl", run_id, masks
+        )
+        results["ledger"][name] = [masks.apply(r) for r in ledger_rows(self.ledger_path)]
+        results["summaries"][name] = masks.apply(self.summaries[-1])
+        results["requests"][name] = normalised_requests(received[self._received :], masks)
+        self._received = len(received)
+
+
+@pytest.fixture
+def golden(tmp_path: Path, sandbox_factory: Callable[..., Sandbox]) -> Iterator[GoldenRun]:
+    fresh = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=10)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    sandbox = sandbox_factory({"message_schema": "source_ids"})
+    run = GoldenRun(workdir, sandbox, fresh.isoformat().replace("+00:00", "Z"))
+    yield run
+    for target in run.targets:
+        target.kill()
+
+
+def test_golden_run_is_unchanged(tmp_path: Path, golden: GoldenRun) -> None:
+    """Two runs of the fixed scenario; STATE, dead letters, ledger, summary and POSTs as pinned."""
+    run1, run2 = scenario(golden.fresh)
+    rows = {(r.stream, r.key): r for c in run1 + run2 for r in c.rows}
+    recovered = [rows[ORDERS, "R1"], rows[ORDERS, "R2"]]
+    held = [rows[ORDERS, "H1"], rows[ORDERS, "H2"]]
+    ten_minutes_ago = datetime.now(timezone.utc) - timedelta(minutes=10)
+
+    # A run that died ten minutes ago left two claims: it had sent R1 (Catena has it), not R2.
+    with Ledger.open(golden.ledger_url, run_id=DEAD_RUN, lease_seconds=60) as dead:
+        claim_for(dead, recovered, now=ten_minutes_ago)
+    post_directly(golden.sandbox, body_of(recovered[0]))
+
+    first = golden.run("run1", run1, RUN1_FAULTS)
+    fired = [golden.sandbox.stats()["faults_fired"]]
+
+    # Between the runs another process claims H1 and H2 and sends H1; it is still alive.
+    golden.quiet()
+    other = Ledger.open(golden.ledger_url, run_id=OTHER_RUN, lease_seconds=300)
+    claim_for(other, held, now=datetime.now(timezone.utc))
+    h1_operation = post_directly(golden.sandbox, body_of(held[0]))
+
+    def holder_finishes() -> None:
+        # The rest of the last chunk resolves while the holder keeps its claims: the target met
+        # both keys held (they come first in the chunk) and sent the others past them. Then the
+        # holder records H1 accepted and drops its claim on H2, which it never sent.
+        wait_until_resolved(golden.ledger_path, [r for r in run2[-1].rows if r not in held])
+        h1 = held[0]
+        outcome = LedgerOutcome(
+            h1.stream,
+            h1.key,
+            "accepted",
+            fingerprint(f"{OTHER_RUN}:{h1.key}"),
+            h1_operation,
+            attempts=1,
+            connection_id=h1.record["connection_id"],
+        )
+        other.record([outcome])
+        other.release([(held[1].stream, held[1].key)])
+
+    try:
+        second = golden.run("run2", run2, RUN2_FAULTS, holder_finishes)
+    finally:
+        other.close()
+    fired.append(golden.sandbox.stats()["faults_fired"])
+
+    out_dir = tmp_path / "actual"
+    out_dir.mkdir()
+    for name in ARTEFACTS:
+        (out_dir / f"{name}.json").write_text(dump(golden.results[name]))
+    # The scenario proves what it claims only if every fault fired and every path was taken.
+    assert all(n >= 1 for plan in fired for n in plan), fired
+    assert (first["exit_code"], second["exit_code"]) == (2, 2), (first, second)
+    totals1, totals2 = first["totals"], second["totals"]
+    assert totals1["duplicates"] >= 2, totals1  # a copy in the same batch, one chunks later
+    assert totals1["expired"] >= 1, totals1
+    assert totals1["dead_lettered_by_stage"]["api"] >= 2, totals1  # retries ran out; a 422
+    assert totals1["previously_dead_lettered"] >= 2, totals1  # copies behind dead letters
+    assert first["http"]["operations_adopted"] >= 3, first["http"]  # R1, a drop, a 500 after
+    assert totals2["duplicates"] >= 5, totals2
+    assert totals2["previously_dead_lettered"] >= 3, totals2
+    ledger = {(r["namespace"], r["key"]): r for r in ledger_rows(golden.ledger_path)}
+    assert ledger[ORDERS, "H1"]["run_id"] == OTHER_RUN  # the holder's outcome stands
+    assert ledger[ORDERS, "H2"]["status"] == "accepted"  # released, then sent by run 2
+    compare_with_golden(golden.results, out_dir)
