@@ -284,21 +284,10 @@ def scenario(fresh: str) -> tuple[list[Chunk], list[Chunk]]:
     return run1, run2
 
 
-def schema_lines() -> list[str]:
-    properties: dict[str, Any] = {
-        name: {}
-        for name in (
-            "id",
-            "fleet",
-            "seq",
-            "connection_id",
-            "source_sender_id",
-            "source_recipient_ids",
-            "message_text",
-            "priority",
-            "created_at",
-        )
-    }
+def schema_lines(chunks: Sequence[Chunk]) -> list[str]:
+    """A SCHEMA per stream whose properties are every field the scenario's records carry."""
+    names = sorted({name for c in chunks for r in c.rows for name in r.record})
+    properties: dict[str, Any] = {name: {} for name in names}
     return [
         json.dumps(
             {
@@ -566,13 +555,13 @@ def dump(value: Any) -> str:
     return json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def write_golden(actual: Mapping[str, Any]) -> None:
-    GOLDEN_DIR.mkdir(exist_ok=True)
+def write_golden(actual: Mapping[str, Any], golden_dir: Path) -> None:
+    golden_dir.mkdir(parents=True, exist_ok=True)
     for name in ARTEFACTS:
-        (GOLDEN_DIR / f"{name}.json").write_text(dump(actual[name]))
+        (golden_dir / f"{name}.json").write_text(dump(actual[name]))
 
 
-def compare_with_golden(actual: Mapping[str, Any], out_dir: Path) -> None:
+def compare_with_golden(actual: Mapping[str, Any], golden_dir: Path, out_dir: Path) -> None:
     """Each artefact against its golden file; every mismatch shown as a unified diff.
 
     This run's artefacts are written to ``out_dir`` (named in the diff) for a closer look.
@@ -582,7 +571,7 @@ def compare_with_golden(actual: Mapping[str, Any], out_dir: Path) -> None:
     for name in ARTEFACTS:
         text = dump(actual[name])
         (out_dir / f"{name}.json").write_text(text)
-        golden_path = GOLDEN_DIR / f"{name}.json"
+        golden_path = golden_dir / f"{name}.json"
         if not golden_path.exists():
             diffs.append(f"{golden_path} is missing (UPDATE_GOLDEN=1 writes it)")
             continue
@@ -593,7 +582,7 @@ def compare_with_golden(actual: Mapping[str, Any], out_dir: Path) -> None:
                     difflib.unified_diff(
                         expected.splitlines(keepends=True),
                         text.splitlines(keepends=True),
-                        f"tests/golden/{name}.json",
+                        str(golden_path.relative_to(Path(__file__).parent.parent)),
                         f"{out_dir / name}.json (this run)",
                     )
                 )
@@ -607,12 +596,21 @@ def compare_with_golden(actual: Mapping[str, Any], out_dir: Path) -> None:
 
 
 class GoldenRun:
-    """The sandbox, the shared work directory and ledger, and what each run left behind."""
+    """One sandbox, one work directory and ledger, and what each run left behind."""
 
-    def __init__(self, workdir: Path, sandbox: Sandbox, fresh: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        sandbox: Sandbox,
+        *,
+        fresh: str,
+        catena: Mapping[str, Any],
+        settings: Mapping[str, Any],
+    ) -> None:
         self.workdir = workdir
         self.sandbox = sandbox
         self.fresh = fresh
+        self.catena = dict(catena)  # the sandbox's config, less the fault plan
         self.ledger_path = workdir / "ledger.sqlite"
         self.ledger_url = f"sqlite:///{self.ledger_path}"
         self.config_path = workdir / "config.json"
@@ -620,7 +618,7 @@ class GoldenRun:
             json.dumps(
                 sandbox_config(
                     sandbox.url,
-                    **SETTINGS,
+                    **settings,
                     dead_letter_path=str(workdir / "dead-letters.jsonl"),
                     ledger_url=self.ledger_url,
                 )
@@ -633,7 +631,7 @@ class GoldenRun:
 
     def quiet(self) -> None:
         """No fault plan: what other processes do between runs meets no fault meant for a run."""
-        self.sandbox.configure({"message_schema": "source_ids"})
+        self.sandbox.configure(self.catena)
 
     def run(
         self,
@@ -647,10 +645,10 @@ class GoldenRun:
         Without ``before_end`` the last chunk's STATE is awaited too; with it, the input ends
         right after it (the last chunk then resolves at the end of input, see the docstring).
         """
-        self.sandbox.configure({"message_schema": "source_ids", "faults": faults})
+        self.sandbox.configure({**self.catena, "faults": faults})
         target = LiveTarget(self.workdir, self.config_path, name)
         self.targets.append(target)
-        target.send(schema_lines())
+        target.send(schema_lines(chunks))
         for chunk in chunks:
             target.send(chunk_lines(chunk))
             if chunk is not chunks[-1] or before_end is None:
@@ -683,21 +681,47 @@ class GoldenRun:
         results["requests"][name] = normalised_requests(received[self._received :], masks)
         self._received = len(received)
 
+    def check(self, golden_dir: Path, covered: Callable[[], None], out_dir: Path) -> None:
+        """Compare with (or, with UPDATE_GOLDEN=1, write) the golden files; check coverage."""
+        if os.environ.get("UPDATE_GOLDEN") == "1":
+            covered()  # never pin a scenario that no longer takes the paths it is there for
+            write_golden(self.results, golden_dir)
+        else:  # the diff first: it says what changed, the coverage checks only that something did
+            compare_with_golden(self.results, golden_dir, out_dir)
+            covered()
+
+
+GoldenFactory = Callable[..., GoldenRun]
+
 
 @pytest.fixture
-def golden(tmp_path: Path, sandbox_factory: Callable[..., Sandbox]) -> Iterator[GoldenRun]:
+def golden_run(tmp_path: Path, sandbox_factory: Callable[..., Sandbox]) -> Iterator[GoldenFactory]:
+    """``golden_run(catena=..., settings=...)``: a started sandbox and a fresh work directory."""
+    made: list[GoldenRun] = []
     fresh = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=10)
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    sandbox = sandbox_factory({"message_schema": "source_ids"})
-    run = GoldenRun(workdir, sandbox, fresh.isoformat().replace("+00:00", "Z"))
-    yield run
-    for target in run.targets:
-        target.kill()
+
+    def make(*, catena: Mapping[str, Any], settings: Mapping[str, Any]) -> GoldenRun:
+        workdir = tmp_path / f"work{len(made)}"
+        workdir.mkdir()
+        run = GoldenRun(
+            workdir,
+            sandbox_factory(dict(catena)),
+            fresh=fresh.isoformat().replace("+00:00", "Z"),
+            catena=catena,
+            settings=settings,
+        )
+        made.append(run)
+        return run
+
+    yield make
+    for run in made:
+        for target in run.targets:
+            target.kill()
 
 
-def test_golden_run_is_unchanged(tmp_path: Path, golden: GoldenRun) -> None:
+def test_golden_run_is_unchanged(tmp_path: Path, golden_run: GoldenFactory) -> None:
     """Two runs of the fixed scenario; STATE, dead letters, ledger, summary and POSTs as pinned."""
+    golden = golden_run(catena={"message_schema": "source_ids"}, settings=SETTINGS)
     run1, run2 = scenario(golden.fresh)
     rows = {(r.stream, r.key): r for c in run1 + run2 for r in c.rows}
     recovered = [rows[ORDERS, "R1"], rows[ORDERS, "R2"]]
@@ -742,12 +766,11 @@ def test_golden_run_is_unchanged(tmp_path: Path, golden: GoldenRun) -> None:
         other.close()
     fired.append(golden.sandbox.stats()["faults_fired"])
 
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        assert_scenario_covered(golden, first, second, fired)
-        write_golden(golden.results)
-    else:  # the diff first: it says what changed, the coverage checks only that something did
-        compare_with_golden(golden.results, tmp_path / "actual")
-        assert_scenario_covered(golden, first, second, fired)
+    golden.check(
+        GOLDEN_DIR / "source_ids",
+        lambda: assert_scenario_covered(golden, first, second, fired),
+        tmp_path / "actual",
+    )
 
 
 def assert_scenario_covered(
