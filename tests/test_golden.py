@@ -1,19 +1,25 @@
-"""The golden run: one fixed scenario whose every observable output is pinned in tests/golden/.
+"""The golden runs: fixed scenarios whose every observable output is pinned in tests/golden/.
 
-A refactor that claims to change no behaviour must leave these files unchanged. The scenario
-drives the real CLI (two runs, one ledger, one dead-letter file) against the real sandbox with a
-seeded fault plan, and covers what exactly-once rests on: several streams (one with a composite
-key), duplicate keys within the input (in one batch and across batches, of valid, invalid and
-Catena-rejected records), keys accepted by the first run and seen again by the second, validation
-dead letters, expired and undatable records, retries that run out (a retryable dead letter the
-second run sends), ambiguous sends settled by a lookup (dropped answers and 500s after processing
-adopted, a plain 500 and a reset resent), a 429, keys a dead run left claimed (one it had sent,
-one it had not) and keys another live process holds (one it completes, one it releases).
+A refactor that claims to change no behaviour must leave these files unchanged. Each scenario
+drives the real CLI against the real sandbox with a seeded fault plan.
 
-What is compared, per run (each file holds both runs):
+``source_ids`` (tests/golden/source_ids/): two runs, one ledger, one dead-letter file, covering
+what exactly-once rests on: several streams (one with a composite key), duplicate keys within the
+input (in one batch and across batches, of valid, invalid and Catena-rejected records), keys
+accepted by the first run and seen again by the second, validation dead letters, expired and
+undatable records, retries that run out (a retryable dead letter the second run sends),
+ambiguous sends settled by a lookup (dropped answers and 500s after processing adopted, a plain
+500 and a reset resent), a 429, keys a dead run left claimed (one it had sent, one it had not) and
+keys another live process holds (one it completes, one it releases).
+
+``catena_ids`` (tests/golden/catena_ids/): one run of the other body version with ``is_sync``:
+provider ids resolved through the users list, Catena ids given directly, ids that do not
+resolve, and sync failures that are a rejection or ambiguous (adopted).
+
+What is compared, per run (each file holds every run of its scenario):
 
 - ``states.json``: every STATE line, in order;
-- ``dead_letters.json``: the dead-letter file's entries;
+- ``dead_letters.json``: the dead-letter file's entries the run wrote;
 - ``ledger.json``: every ledger row after the run;
 - ``summaries.json``: the summary's JSON line;
 - ``requests.json``: every POST /messages the sandbox received: whose body, answer and fault.
@@ -32,20 +38,25 @@ Why it is deterministic:
   waits for room or at the end of input), after the holder finished with them.
 - Sink batches of 2 rows and an even number of rows per stream in every chunk: a chunk's records
   never wait in a half-full batch.
+- Other processes' work (the dead run's and the live holder's POSTs) happens between runs with no
+  fault plan, and each run's plan starts its request numbers afresh.
 
-What is masked (the rest is compared as is, fingerprints included):
+What is masked (the rest is compared as is, fingerprints and request counters included):
 
 - run ids: the target's become ``<run 1>``/``<run 2>`` (the dead and the live holder's are fixed);
 - operation ids: ``<op TAG>`` after the message text of the operation Catena stored (every text
   carries its key's tag, ``<op TAG #2>`` for a second operation of the same text: a duplicate);
-- timestamps (ledger columns, a dead letter's ``at``) become ``<time>`` when set; the elapsed time
-  becomes ``<seconds>``; the fresh records' creation time ``<fresh>``;
+  other ids Catena makes up (its log entries) ``<id>``; the scenario's own ids stay;
+- clock readings become ``<time>`` when set: the ledger's time columns, a dead letter's ``at``,
+  the times of an operation Catena returned; the elapsed time ``<seconds>``; the fresh records'
+  creation time ``<fresh>`` (records are otherwise compared as read);
 - the work directory and the sandbox URL;
 - order where none is promised: within a STATE line's lists, dead letters within a run (sorted
   by stream, key, stage), the summary's object keys.
 
 Regenerate after an intended behaviour change with ``UPDATE_GOLDEN=1 pytest tests/test_golden.py``
-and review the diff of tests/golden/ like code.
+(it refuses to write when a scenario no longer takes the paths it is there for) and review the
+diff of tests/golden/ like code.
 """
 
 from __future__ import annotations
@@ -73,6 +84,7 @@ from typing import Any
 import pytest
 
 from target_catena_messages.ledger import ClaimRequest, Ledger, LedgerOutcome
+from target_catena_messages.sandbox.config import DEFAULT_PARTNER_ID
 from target_catena_messages.sandbox.server import Sandbox
 from tests.harness import sandbox_config
 
@@ -91,7 +103,33 @@ OTHER_RUN = "golden-host-c/4242/cafef00d"  # alive: holds two keys while the sec
 EXPIRED_AT = "2020-02-29T08:00:00Z"
 TAG_IN_TEXT = re.compile(r"^\[([^\]]+)\]")
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-TIME_COLUMNS = ("claimed_at", "lease_until", "ambiguous_since", "resolved_at", "updated_at")
+# Keys whose values are clock readings: the ledger's columns, a dead letter's ``at``, and the
+# times of an operation Catena returned (inside a dead letter's ``api_error``).
+TIME_KEYS = frozenset(
+    {"claimed_at", "lease_until", "ambiguous_since", "resolved_at", "updated_at"}
+    | {"at", "created_at"}
+)
+
+DISPATCHER = "d15a7c00-0000-4000-8000-000000000007"
+DRIVER_1 = "d1d1d1d1-0000-4000-8000-000000000001"
+DRIVER_2 = "d2d2d2d2-0000-4000-8000-000000000002"
+DRIVER_9 = "d9d9d9d9-0000-4000-8000-000000000009"  # a driver of the other connection
+REPLIED_TO = "4e4e4e4e-0000-4000-8000-00000000004e"
+FIXED_IDS = frozenset(
+    {CONN_A, CONN_B, DISPATCHER, DRIVER_1, DRIVER_2, DRIVER_9, REPLIED_TO, DEFAULT_PARTNER_ID}
+)
+CATENA_IDS_SANDBOX: dict[str, Any] = {
+    "message_schema": "catena_ids",
+    "users": [
+        {"id": uid, "source_id": source_id, "connection_id": conn, "is_driver": driver}
+        for uid, source_id, conn, driver in (
+            (DISPATCHER, "dispatcher-7", CONN_A, False),
+            (DRIVER_1, "driver-1", CONN_A, True),
+            (DRIVER_2, "driver-2", CONN_A, True),
+            (DRIVER_9, "driver-9", CONN_B, True),
+        )
+    ],
+}
 
 SETTINGS: dict[str, Any] = {
     "max_concurrency": 1,
@@ -100,6 +138,13 @@ SETTINGS: dict[str, Any] = {
     "operation_lookup_lag_seconds": 0,
     "message_time_field": "created_at",
     "max_message_age_hours": 24,
+}
+
+CATENA_IDS_SETTINGS: dict[str, Any] = {
+    **SETTINGS,
+    "message_schema": "catena_ids",
+    "is_sync": True,
+    "default_sender_id": DISPATCHER,
 }
 
 # Request numbers restart with every run's plan (``configure``). Explicit rules come first: the
@@ -127,6 +172,17 @@ RUN2_FAULTS: dict[str, Any] = {
         {"kind": "drop", "match": {"requests": [2]}},
         {"kind": "status", "status": 500, "match": {"requests": [4]}},
         {"kind": "status", "status": 503, "match": {"probability": 0.12}},
+    ],
+}
+SYNC_FAULTS: dict[str, Any] = {
+    "seed": 1717,
+    "rules": [
+        LATENCY,
+        {"kind": "sync_fail", "match": {"requests": [3]}},  # the TSP refused: a rejection
+        {"kind": "sync_fail", "error_type": "network", "match": {"requests": [6]}},
+        {"kind": "sync_fail", "response_status_code": 503, "match": {"requests": [8]}},
+        {"kind": "drop", "match": {"requests": [10]}},
+        {"kind": "status", "status": 503, "match": {"requests": [11]}},
     ],
 }
 
@@ -282,6 +338,59 @@ def scenario(fresh: str) -> tuple[list[Chunk], list[Chunk]]:
         ),
     ]
     return run1, run2
+
+
+def catena_ids_scenario(fresh: str) -> list[Chunk]:
+    """One run of catena_ids bodies with ``is_sync``: provider ids resolved through the users
+    list (sender from ``default_sender_id`` or the record), Catena ids given directly, ids that
+    cannot be resolved, and sync failures that are rejections or ambiguous."""
+
+    def o(key: Any, **fields: Any) -> Row:
+        return catena_row(ORDERS, key, created=fresh, **fields)
+
+    def a(key: Any, **fields: Any) -> Row:
+        return catena_row(ALERTS, key, created=fresh, **fields)
+
+    return [
+        Chunk(
+            "sync/c1",  # lane A/driver-1
+            [
+                o(1, sender_source_id="dispatcher-7", recipient_source_id="driver-1"),
+                a(("F1", 1), sender_id=DISPATCHER, recipient_id=DRIVER_1),
+                o(2, recipient_source_id="driver-1"),
+                a(("F1", 2), recipient_source_id="driver-9"),  # not a driver of this connection
+                o(3, recipient_source_id=["driver-1", "driver-2"]),  # one message, two drivers
+                o(4, recipient_source_id=["driver-1"], reply_to_message_id=REPLIED_TO),
+                a(("F1", 3), recipient_source_id="driver-1", priority="urgent"),
+                a(("F1", 4), recipient_source_id="driver-1", sender_source_id="nobody-0"),
+            ],
+        ),
+        Chunk(
+            "sync/c2",  # lane A/driver-2; the sync failures
+            [
+                o(5, recipient_source_id="driver-2"),
+                o(6, recipient_source_id="driver-2"),
+                a(("F2", 1), recipient_source_id="driver-2"),
+                o(7, recipient_source_id="driver-2"),
+                a(("F2", 2), recipient_id=DRIVER_2),
+                o(8, recipient_source_id="driver-2"),
+                o(9, recipient_source_id="driver-2"),
+                o(10, recipient_source_id="driver-2"),
+            ],
+        ),
+    ]
+
+
+def catena_row(stream: str, key: Any, *, created: str | None, **fields: Any) -> Row:
+    """A catena_ids record: Catena or provider ids for sender and recipient, its tag in the text."""
+    base = row(stream, key, "unused", created=created)
+    record = {
+        k: v
+        for k, v in base.record.items()
+        if k not in ("source_sender_id", "source_recipient_ids")
+    }
+    record.update(fields)
+    return Row(stream, record)
 
 
 def schema_lines(chunks: Sequence[Chunk]) -> list[str]:
@@ -494,20 +603,38 @@ class Masks:
     def text(self, value: str) -> str:
         for old, new in self.replacements.items():
             value = value.replace(old, new)
-        return UUID.sub(lambda m: self.operations.get(m.group(0), m.group(0)), value)
+        return UUID.sub(self._uuid, value)
+
+    def _uuid(self, found: re.Match[str]) -> str:
+        """An operation's label; the scenario's own ids as they are; any other id (Catena's log
+        entries) ``<id>``."""
+        value = found.group(0)
+        label = self.operations.get(value)
+        if label is not None:
+            return label
+        return value if value in FIXED_IDS else "<id>"
 
     def apply(self, value: Any, key: str | None = None) -> Any:
+        """Mask ``value`` (found under ``key``) and everything in it."""
+        if key == "record":  # the input as read: its times are the input's, not the clock's
+            return self.literal(value)
         if isinstance(value, dict):
             return {k: self.apply(v, k) for k, v in value.items()}
         if isinstance(value, list):
             return [self.apply(v) for v in value]
         if isinstance(value, str):
-            if key in TIME_COLUMNS or key == "at":
-                return "<time>"
-            return self.text(value)
+            return "<time>" if key in TIME_KEYS else self.text(value)
         if key == "elapsed_seconds":
             return "<seconds>"
         return value
+
+    def literal(self, value: Any) -> Any:
+        """Only the text replacements (paths, the fresh time), nowhere a masked key."""
+        if isinstance(value, dict):
+            return {k: self.literal(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.literal(v) for v in value]
+        return self.text(value) if isinstance(value, str) else value
 
 
 def normalised_states(states: list[dict[str, Any]], masks: Masks) -> list[Any]:
@@ -790,3 +917,20 @@ def assert_scenario_covered(
     ledger = {(r["namespace"], r["key"]): r for r in ledger_rows(golden.ledger_path)}
     assert ledger[ORDERS, "H1"]["run_id"] == OTHER_RUN  # the holder's outcome stands
     assert ledger[ORDERS, "H2"]["status"] == "accepted"  # released, then sent by run 2
+
+
+def test_golden_catena_ids_run_is_unchanged(tmp_path: Path, golden_run: GoldenFactory) -> None:
+    """The catena_ids body with ``is_sync``, users resolved from provider ids, as pinned."""
+    golden = golden_run(catena=CATENA_IDS_SANDBOX, settings=CATENA_IDS_SETTINGS)
+    summary = golden.run("sync", catena_ids_scenario(golden.fresh), SYNC_FAULTS)
+    fired = golden.sandbox.stats()["faults_fired"]
+
+    def covered() -> None:
+        assert all(n >= 1 for n in fired), fired
+        assert summary["exit_code"] == 2, summary
+        stages = summary["totals"]["dead_lettered_by_stage"]
+        assert stages["validation"] >= 4, stages  # unknown ids, two drivers, a bad priority
+        assert stages["api"] >= 1, stages  # the TSP refused a sync message
+        assert summary["http"]["operations_adopted"] >= 2, summary["http"]
+
+    golden.check(GOLDEN_DIR / "catena_ids", covered, tmp_path / "actual")
