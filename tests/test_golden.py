@@ -27,8 +27,8 @@ What is compared, per run (each file holds every run of its scenario):
 Why it is deterministic:
 
 - One request in flight (``max_concurrency: 1``), and each chunk of input sends on one lane
-  (connection and recipient), so the order of POSTs, retries included, follows from the input
-  alone. The fault plan chooses by request number and a seeded generator drawn once per POST,
+  (connection and recipient; the held keys aside, which can only be sent once the rest of their
+  chunk is done), so the order of POSTs, retries included, follows from the input alone. The fault plan chooses by request number and a seeded generator drawn once per POST,
   so the same POSTs get the same faults. Latency is on POSTs only (other endpoints' request
   counts depend on timing and must not draw from the generator).
 - The input is fed chunk by chunk: each chunk ends with a tap STATE, and the next chunk is written
@@ -326,10 +326,12 @@ def scenario(fresh: str) -> tuple[list[Chunk], list[Chunk]]:
             ],
         ),
         Chunk(
-            "run2/c3",  # lane A/driver-5; the live process's two keys lead the last chunk
+            # lane A/driver-5; the live process's two keys lead the last chunk, on a lane of their
+            # own (driver-6): H2 is sent only once the rest is done, whatever else may wait
+            "run2/c3",
             [
-                o("H1", "driver-5"),
-                o("H2", "driver-5"),
+                o("H1", "driver-6"),
+                o("H2", "driver-6"),
                 y(13, "driver-5"),
                 o(9, "driver-5"),
                 o(10, "driver-5"),
