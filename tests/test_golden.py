@@ -28,9 +28,10 @@ Why it is deterministic:
 
 - One request in flight (``max_concurrency: 1``), and each chunk of input sends on one lane
   (connection and recipient; the held keys aside, which can only be sent once the rest of their
-  chunk is done), so the order of POSTs, retries included, follows from the input alone. The fault plan chooses by request number and a seeded generator drawn once per POST,
-  so the same POSTs get the same faults. Latency is on POSTs only (other endpoints' request
-  counts depend on timing and must not draw from the generator).
+  chunk is done), so the order of POSTs, retries included, follows from the input alone. The
+  fault plan chooses by request number and a seeded generator drawn once per POST, so the same
+  POSTs get the same faults. Latency is on POSTs only (other endpoints' request counts depend on
+  timing and must not draw from the generator).
 - The input is fed chunk by chunk: each chunk ends with a tap STATE, and the next chunk is written
   only once the target has written the STATE line for it. So the lines, and what each lists, do
   not depend on how fast records resolve. The second run's last chunk holds the keys another
@@ -155,12 +156,13 @@ RUN1_FAULTS: dict[str, Any] = {
     "seed": 1515,
     "rules": [
         LATENCY,
-        {"kind": "status", "status": 503, "match": {"requests": [3, 4, 5]}},
-        {"kind": "drop", "match": {"requests": [7]}},
-        {"kind": "status", "status": 500, "match": {"requests": [10]}},
-        {"kind": "status", "status": 422, "match": {"requests": [13]}},
+        # Which POST each hits is in requests.json; what they are there for:
+        {"kind": "status", "status": 503, "match": {"requests": [3, 4, 5]}},  # yard:1 gives up
+        {"kind": "drop", "match": {"requests": [7]}},  # yard:2's retry: adopted
+        {"kind": "status", "status": 500, "match": {"requests": [10]}},  # alr:F1-2: resent
+        {"kind": "status", "status": 422, "match": {"requests": [13]}},  # alr:F2-1, a copy behind
         {"kind": "status", "status": 500, "after_processing": True, "match": {"requests": [15]}},
-        {"kind": "reset", "match": {"requests": [18]}},
+        {"kind": "reset", "match": {"requests": [18]}},  # yard:8: resent, then out of retries
         {"kind": "status", "status": 429, "retry_after_seconds": 1, "match": {"requests": [22]}},
         {"kind": "status", "status": 503, "match": {"probability": 0.12}},
     ],
@@ -169,8 +171,8 @@ RUN2_FAULTS: dict[str, Any] = {
     "seed": 1622,
     "rules": [
         LATENCY,
-        {"kind": "drop", "match": {"requests": [2]}},
-        {"kind": "status", "status": 500, "match": {"requests": [4]}},
+        {"kind": "drop", "match": {"requests": [2]}},  # yard:3, fixed since run 1: adopted
+        {"kind": "status", "status": 500, "match": {"requests": [4]}},  # alr:F4-1: resent
         {"kind": "status", "status": 503, "match": {"probability": 0.12}},
     ],
 }
@@ -179,6 +181,7 @@ SYNC_FAULTS: dict[str, Any] = {
     "rules": [
         LATENCY,
         {"kind": "sync_fail", "match": {"requests": [3]}},  # the TSP refused: a rejection
+        # the TSP was unreachable, or answered 503: ambiguous, the failed operation is adopted
         {"kind": "sync_fail", "error_type": "network", "match": {"requests": [6]}},
         {"kind": "sync_fail", "response_status_code": 503, "match": {"requests": [8]}},
         {"kind": "drop", "match": {"requests": [10]}},
