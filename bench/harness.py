@@ -36,6 +36,8 @@ class Sizes:
     p4_concurrency: int = 32
     p5_seconds: float = 40.0
     p5_warmup: float = 10.0
+    p6_storm: tuple[int, int, int] = (1000, 60, 3000)  # (first refused request, 429s, messages)
+    p6_one_in: tuple[int, int] = (23, 400)  # (one request in N refused, messages)
 
 
 QUICK = Sizes(
@@ -48,6 +50,8 @@ QUICK = Sizes(
     p4_sandbox=1000,
     p5_seconds=3.0,
     p5_warmup=1.0,
+    p6_storm=(100, 16, 300),
+    p6_one_in=(23, 60),
 )
 
 

@@ -1,6 +1,6 @@
-"""The one bench command: run P1-P5 and the sandbox capacity, print the table, write results.md.
+"""The one bench command: run P1-P6 and the sandbox capacity, print the table, write results.md.
 
-    .venv/bin/python -m bench                 # full sizes, ~8 minutes on 2 cores
+    .venv/bin/python -m bench                 # full sizes, ~10 minutes on 2 cores
     .venv/bin/python -m bench --quick         # tiny sizes: proves it runs, measures nothing
     .venv/bin/python -m bench --only P1 P4    # a subset
 
@@ -186,9 +186,14 @@ def report(
             "sandbox and the machine allow in P2/P3: urllib3 threads (the target's transport, "
             "P3's judged baseline), aiohttp tasks on one event loop (the alternative issue 9 "
             "asks to measure) and requests threads (the target's earlier stack).",
-            "- P2/P3/P5 rates come from the sandbox's own arrival timestamps, identically for "
+            "- P2/P3/P5/P6 rates come from the sandbox's own arrival timestamps, identically for "
             "the target and the bare loop: P2 `n / (last - first + 50 ms)`, which equals "
             "`max_concurrency / 50 ms` for an ideal sender.",
+            "- P6: recovery is the time from the storm's last 429 to the end of the first "
+            "second (sliding, on the sandbox's clock) that carries 0.8 of the accepted rate "
+            "before the storm, in the same run; its ratio is the rate from then on. One in N: "
+            "the shared 1 s pauses let N - 1 of every N through per (1 s + N requests at the "
+            "target's unthrottled rate, measured just before on the same stream).",
             "- `cap`: in each run at 0 ms the sandbox serves at most as many requests per "
             "second as it handles per CPU-second in that run; ceiling ÷ rate = 1 ÷ the share "
             "of a core it was busy. Judged: the busiest of P3's judged runs. The bare aiohttp "

@@ -1,4 +1,4 @@
-"""P1-P5 and the sandbox's capacity, each as rows: a figure, its same-run baseline, the ratio.
+"""P1-P6 and the sandbox's capacity, each as rows: a figure, its same-run baseline, the ratio.
 
 A figure means nothing on its own on a shared 2-core machine, so every row divides by something
 measured minutes earlier on the same machine: the no-op SDK target, the ideal rate the sandbox's
@@ -10,6 +10,7 @@ latency) shows whether the gap is ours or the stack's.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from bench.procs import parse_at
 
 ROUND_TRIP = 0.05  # seconds: P2's sandbox latency, the round trip CPU per message is compared to
 P5_LIMIT = 50.0  # requests/s the sandbox admits in P5
+P6_LATENCY_MS = 50.0  # the storm runs at 50 ms latency, where the target sends ~150/s
 
 
 def _pct(x: float) -> str:
@@ -342,6 +344,91 @@ def p5_throttled(b: Bench) -> list[Row]:
     ]
 
 
+def _statuses(b: Bench) -> list[tuple[float, int | None]]:
+    """(arrival on the sandbox's clock, status) of every create-message request, in order."""
+    return sorted((parse_at(e["at"]), e.get("status")) for e in b.sandbox.received())
+
+
+def _recovery(seen: list[tuple[float, int | None]], after: float, goal: float) -> float | None:
+    """Seconds from ``after`` to the end of the first 1 s window with >= ``goal`` accepted/s."""
+    accepted = [at for at, status in seen if status == 202 and at >= after]
+    for i, start in enumerate(accepted):
+        # the window ending at the accepted request i + goal - 1 started at ``start``
+        j = i + max(math.ceil(goal), 1) - 1
+        if j < len(accepted) and accepted[j] - start <= 1.0:
+            return accepted[j] - after
+    return None
+
+
+def p6_throttle_recovery(b: Bench) -> list[Row]:
+    """A 429 storm, then how soon the rate is back; one request in N refused, and the rate kept.
+
+    Storm: N consecutive 429s with a 1 s retry-after, then none, at 50 ms latency and
+    concurrency 8. The baseline is the same run's rate before the storm; recovery ends with the
+    first second that carries 0.8 of it. One in N: every Nth request answered 429 with a 1 s
+    retry-after, whatever the rate, at 0 ms; the shared pauses alone let N - 1 of every N
+    through per (1 s + N requests at the target's own unthrottled rate), measured in this run.
+    """
+    first, count, n = b.sizes.p6_storm
+    b.log(f"P6: {n:,} messages, {count} consecutive 429s from request {first:,} (50 ms)")
+    storm = {"kind": "status", "status": 429, "retry_after_seconds": 1}
+    latency = {"kind": "latency", "ms": P6_LATENCY_MS}
+    rules = [latency, {**storm, "match": {"from": first, "times": count}}]
+    b.sandbox.configure(faults={"rules": rules})
+    settings = b.sandbox.target_settings(max_concurrency=8)
+    b.target("p6-storm", b.stream("p6-storm", n), n, **settings)
+    seen = _statuses(b)
+    refused = [at for at, status in seen if status == 429]
+    if len(refused) != count or sum(1 for _, status in seen if status == 202) != n:
+        raise RuntimeError(f"P6: expected {count} 429s and {n} accepted")
+    warm = seen[min(first // 5, first - 1)][0]  # past start-up
+    before = _rate(
+        sum(1 for at, s in seen if warm <= at < refused[0] and s == 202), refused[0] - warm
+    )
+    recovered = _recovery(seen, refused[-1], 0.8 * before)
+    tail_start = refused[-1] + (recovered or 0.0)
+    tail = [at for at, status in seen if status == 202 and at >= tail_start]
+    after = _rate(len(tail), tail[-1] - tail_start) if len(tail) > 1 else 0.0
+
+    every, m = b.sizes.p6_one_in
+    b.log(f"P6: {m:,} messages, one request in {every} answered 429 (1 s), and unthrottled")
+    b.sandbox.latency(0)
+    b.target("p6-free", b.stream("p6-one-in", m), m, **settings)
+    free_at = b.arrivals(m)
+    free = _rate(m - 1, free_at[-1] - free_at[0])
+    one_in = {**storm, "match": {"every": every}}
+    b.sandbox.configure(faults={"rules": [one_in]})
+    b.target("p6-one-in", b.stream("p6-one-in", m), m, **settings)
+    seen = _statuses(b)
+    b.sandbox.latency(0)
+    accepted = [at for at, status in seen if status == 202]
+    if len(accepted) != m:
+        raise RuntimeError(f"P6: {len(accepted)} of {m} accepted with one in {every} refused")
+    rate = _rate(m - 1, accepted[-1] - accepted[0])
+    allowed = (every - 1) / (1.0 + every / free)
+    return [
+        Row(
+            "P6",
+            f"recovery after {count} consecutive 429s (1 s retry-after, 50 ms, concurrency 8): "
+            "time to a second at 0.8 of the rate before",
+            "never" if recovered is None else f"{recovered:.1f} s",
+            f"rate before the storm: {before:,.1f}/s",
+            f"{after / before:.2f} of it from then on",
+            "<= 10 s",
+            recovered is not None and recovered <= 10.0,
+        ),
+        Row(
+            "P6",
+            f"messages/s with one request in {every} answered 429 (1 s retry-after), {m:,} msgs",
+            f"{rate:.1f}/s",
+            f"pauses allow {every - 1} per (1 s + {every} at {free:,.0f}/s): {allowed:.1f}/s",
+            f"{rate / allowed:.2f}",
+            ">= 0.65",
+            rate >= 0.65 * allowed,
+        ),
+    ]
+
+
 def _sandbox_runs(b: Bench, min_ticks: int) -> list[tuple[str, float, float]]:
     """``(run, requests/s, requests per sandbox CPU-second)`` of each P3-sized run at 0 ms.
 
@@ -408,5 +495,6 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "P3": p3_cpu_bound,
     "P4": p4_memory,
     "P5": p5_throttled,
+    "P6": p6_throttle_recovery,
     "cap": capacity,
 }

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("P1", "P2", "P3", "P4", "P5", "cap")
+ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "cap")
 
 
 def test_bench_quick_runs_every_scenario_and_writes_the_table(tmp_path: Path) -> None:
