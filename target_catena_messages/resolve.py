@@ -80,13 +80,27 @@ def _one_id(
             return None, {
                 "field": name,
                 "message": f"{len(value)} {field.role}s, but the {version.name} body has one "
-                f"{field.body_field}: split the message per driver (or choose a message_schema "
-                "that takes a list)",
+                f"{field.body_field}: split the message per driver (or use message_schema "
+                f"{_list_versions()})",
             }
         value = value[0] if value else None
     if value is None or value == "":
         return None, None
     return str(value), None
+
+
+@functools.cache
+def _list_versions() -> str:
+    """The body versions whose recipient field takes a list, named for the error's fix."""
+    names = []
+    for v in versions.all_versions():
+        props = v.schema.get("properties", {})
+        for name in v.lane_fields:
+            kind = props.get(name, {}).get("type")
+            if kind == "array" or (isinstance(kind, list) and "array" in kind):
+                names.append(v.name)
+                break
+    return " or ".join(names) or "with a list of recipients"
 
 
 def _resolving_version() -> BodyVersion:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from target_catena_messages.catena.auth import require_safe_url
+from target_catena_messages.catena.errors import ClientConfigError
 from target_catena_messages.dead_letters import default_dead_letter_path
 from target_catena_messages.errors import ConfigError
 from target_catena_messages.settings import Settings, default_paths
@@ -30,7 +31,7 @@ def url_problems(url: str) -> list[str]:
     ],
 )
 def test_settings_refuse_exactly_what_the_client_refuses(url: str) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ClientConfigError) as caught:
         require_safe_url(url, "api_url")
     assert url_problems(url) == [str(caught.value)]
     assert "pw" not in str(caught.value)
