@@ -43,6 +43,7 @@ from psycopg.rows import dict_row
 from sqlalchemy.engine import make_url
 
 from target_catena_messages.sandbox.server import Sandbox
+from tests.harness import run_target, singer_lines
 from tests.meltano.project import (
     REPO,
     MeltanoProject,
@@ -148,6 +149,39 @@ def test_hub_definition_is_the_meltano_yml_plugin() -> None:
     assert hub["pip_url"] == "target-catena-messages"
     for key in ("variant", "label", "description", "repo", "domain_url", "maintenance_status"):
         assert hub[key], key
+
+
+def test_settings_that_mean_nothing_here_are_not_offered(about: dict[str, Any]) -> None:
+    properties = about["settings"]["properties"]
+    assert "load_method" not in properties
+    assert "faker_config" not in properties
+    assert "stream_maps" in properties  # the rest of the SDK's built-ins stay
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("bodyy", "uses 'bodyy', which is not a field of the record (did you mean 'body'?)"),
+        ("body.upper_case()", "failed: Attribute 'upper_case' does not exist"),
+    ],
+)
+def test_a_map_expression_error_names_stream_setting_name_and_fields(
+    tmp_path: Path, expression: str, expected: str
+) -> None:
+    maps = {STREAM: {"__key_properties__": ["message_id"], "message_text": expression}}
+    row = {"message_id": 1, "body": "Gate 4", "fleet_code": "PLF"}
+    result = run_target(
+        tmp_path,
+        {"dry_run": True, "default_connection_id": CONNECTIONS["PLF"], "stream_maps": maps},
+        singer_lines(STREAM, [row], key_properties=["message_id"]),
+    )
+    assert result.returncode == 1
+    (fatal,) = [line for line in result.stderr.splitlines() if "fatal:" in line]
+    assert f"Stream '{STREAM}': the map expression stream_maps.{STREAM}.message_text" in fatal
+    assert repr(expression) in fatal
+    assert expected in fatal
+    assert "body, fleet_code, message_id" in fatal  # the fields the record has
+    assert "MapExpressionError" not in result.stderr
 
 
 # -- the pipeline with real Meltano -------------------------------------------------------------
