@@ -33,7 +33,6 @@ from target_catena_messages.confirm import (
     dead_letter_fields,
     ledger_updates,
     summary_counts,
-    summary_lines,
 )
 from target_catena_messages.connect import client_from_settings
 from target_catena_messages.dead_letters import DeadLetterWriter
@@ -61,7 +60,7 @@ from target_catena_messages.message import (
 )
 from target_catena_messages.outcome import Message, Outcome, Resolution
 from target_catena_messages.redact import Redactor
-from target_catena_messages.report import RunReport
+from target_catena_messages.report import RunReport, emit_summary, plural
 from target_catena_messages.resolve import UserResolver, wanted
 from target_catena_messages.retry import RetryPolicy
 from target_catena_messages.settings import Settings
@@ -117,9 +116,9 @@ class Run:
             settings.ledger_url, run_id=self.run_id, read_only=settings.dry_run
         )
         logger.info(
-            "Ledger %s holds %d keys (run %s)%s",
+            "Ledger %s holds %s (run %s)%s",
             self.ledger.location,
-            self.ledger.count(),
+            plural(self.ledger.count(), "key"),
             self.run_id,
             " — dry run: read-only, nothing will be sent" if settings.dry_run else "",
         )
@@ -738,21 +737,19 @@ class Run:
             and not self.settings.allow_dead_letters
         ):
             exit_code = 2
-        lines, summary = self.report.summary(
+        self.ledger.close()
+        emit_summary(
+            self.report,
+            log=logger,
+            write_line=self._stderr,
             dead_letter_path=str(self.dead_letters.path),
             dead_letters_written=self.dead_letters.count,
             ledger_location=self.ledger.location,
             http=self.http_counters(),
             exit_code=exit_code,
             elapsed=time.monotonic() - self._started,
+            confirmation=self._confirmation,
         )
-        if self._confirmation is not None:
-            summary["confirmation"] = self._confirmation
-            lines += summary_lines(self._confirmation, label=lambda text: "  " + text)
-        self.ledger.close()
-        for text in lines:
-            self._stderr(text)
-        self._stderr(jsonutil.dumps({"summary": summary}))
         return exit_code
 
 
