@@ -147,6 +147,7 @@ class Run:
         self._stop: threading.Event | None = None
         self._to_confirm: list[Pending] = []  # accepted this run, when confirm_operations
         self._confirmation: dict[str, Any] | None = None
+        self._duplicates: list[Message] = []  # this batch's, for _hint_changed_duplicates
         self.delivery: Delivery | None = None
         self._resolver: UserResolver | None = None
         self._resolve_ids = settings.message_schema == "catena_ids"
@@ -243,7 +244,19 @@ class Run:
         )
 
     def _body_errors(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        return [e.as_dict() for e in self._validator.errors(body)]
+        errors = [e.as_dict() for e in self._validator.errors(body)]
+        fleet = body.get("fleet_ref")
+        if fleet is not None and "connection_id" not in body:
+            # "connection_id is required" does not say that the fleet is the one not configured.
+            known = ", ".join(sorted(self._rules.connection_id_by_fleet_ref)) or "none"
+            for error in errors:
+                if error.get("field") == "connection_id":
+                    error["message"] = (
+                        f"no connection for fleet_ref {fleet!r}: add it to "
+                        f"connection_id_by_fleet_ref (fleets configured: {known}) or set "
+                        "default_connection_id"
+                    )
+        return errors
 
     def _fingerprint(self, body: dict[str, Any]) -> str:
         """``jsonutil.sha256_hex([body, shape])``, byte for byte, without the list."""
@@ -290,6 +303,34 @@ class Run:
         if would_send:
             self._outcomes.put(would_send)
         self._send(to_send)
+        if self._duplicates:
+            self._hint_changed_duplicates()
+
+    def _hint_changed_duplicates(self) -> None:
+        """Warn about duplicates whose body is not the one sent (an edited TMS row).
+
+        The ledger rightly keeps them from going out twice, but "duplicate" alone hides that
+        the driver has the old text. One ledger read per batch that has duplicates.
+        """
+        duplicates, self._duplicates = self._duplicates, []
+        rows = self.ledger.get_many([(m.namespace, m.key) for m in duplicates])
+        changed = [
+            m
+            for m in duplicates
+            if (row := rows.get((m.namespace, m.key))) is not None
+            and row.get("fingerprint") not in (None, m.fingerprint)
+        ]
+        if not changed:
+            return
+        keys = ", ".join(m.key for m in changed[:10]) + (", ..." if len(changed) > 10 else "")
+        logger.warning(
+            "%s in stream %s not sent again although the body changed since it was sent "
+            "(keys %s): the driver has the first version. To send a correction, give it a new "
+            "message (a new key) in the source; the ledger report shows the operation ids sent",
+            plural(len(changed), "duplicate"),
+            changed[0].stream,
+            keys,
+        )
 
     def _resolve_users(self, messages: list[Message]) -> None:
         """catena_ids: turn provider ids into Catena user ids, batched per connection."""
@@ -341,6 +382,7 @@ class Run:
     def _decide_invalid(self, m: Message, result: ClaimResult) -> None:
         if result.decision is Decision.DUPLICATE:
             self._resolve(Outcome(m, Resolution.DUPLICATE, operation_id=result.operation_id))
+            self._duplicates.append(m)
         elif result.decision is Decision.PREVIOUSLY_DEAD_LETTERED:
             self._resolve(Outcome(m, Resolution.PREVIOUSLY_DEAD_LETTERED, stage=result.stage))
         elif m.lookup_failed:
@@ -372,6 +414,7 @@ class Run:
         decision = result.decision
         if decision is Decision.DUPLICATE:
             self._resolve(Outcome(m, Resolution.DUPLICATE, operation_id=result.operation_id))
+            self._duplicates.append(m)
         elif decision is Decision.PREVIOUSLY_DEAD_LETTERED:
             self._resolve(Outcome(m, Resolution.PREVIOUSLY_DEAD_LETTERED, stage=result.stage))
         elif decision is Decision.IN_PROGRESS_ELSEWHERE:

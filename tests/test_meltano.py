@@ -43,7 +43,7 @@ from psycopg.rows import dict_row
 from sqlalchemy.engine import make_url
 
 from target_catena_messages.sandbox.server import Sandbox
-from tests.harness import run_target, singer_lines
+from tests.harness import run_target, sandbox_config, singer_lines
 from tests.meltano.project import (
     REPO,
     MeltanoProject,
@@ -182,6 +182,55 @@ def test_a_map_expression_error_names_stream_setting_name_and_fields(
     assert expected in fatal
     assert "body, fleet_code, message_id" in fatal  # the fields the record has
     assert "MapExpressionError" not in result.stderr
+
+
+def test_an_unknown_fleet_ref_is_named_in_the_dead_letter(tmp_path: Path) -> None:
+    rows = [
+        {
+            "message_id": 1,
+            "message_text": "Gate 4",
+            "fleet_ref": "NWX",
+            "source_recipient_ids": ["PLF-D1"],
+        }
+    ]
+    result = run_target(
+        tmp_path,
+        {"dry_run": True, "connection_id_by_fleet_ref": {"PLF": CONNECTIONS["PLF"]}},
+        singer_lines(STREAM, rows, key_properties=["message_id"]),
+    )
+    (letter,) = result.dead_letters
+    (error,) = [e for e in letter["errors"] if e["field"] == "connection_id"]
+    assert error["message"] == (
+        "no connection for fleet_ref 'NWX': add it to connection_id_by_fleet_ref "
+        "(fleets configured: PLF) or set default_connection_id"
+    )
+
+
+def test_a_duplicate_whose_body_changed_says_so_and_what_to_do(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    def row(key: int, text: str) -> dict[str, Any]:
+        return {"message_id": key, "message_text": text, "source_recipient_ids": ["PLF-D1"]}
+
+    config = sandbox_config(sandbox.url, default_connection_id=CONNECTIONS["PLF"])
+    first = run_target(
+        tmp_path,
+        config,
+        singer_lines(STREAM, [row(1, "Dock 3"), row(2, "Dock 4")], key_properties=["message_id"]),
+    )
+    assert first.returncode == 0, first.stderr
+    assert "not sent again" not in first.stderr
+    edited = [row(1, "Dock 3, booked Thursday 07:30"), row(2, "Dock 4")]
+    second = run_target(
+        tmp_path, config, singer_lines(STREAM, edited, key_properties=["message_id"])
+    )
+    assert second.summary is not None
+    assert second.summary["totals"]["duplicates"] == 2
+    assert len(sandbox.accepted_bodies()) == 2
+    (hint,) = [line for line in second.stderr.splitlines() if "not sent again" in line]
+    assert f"1 duplicate in stream {STREAM} not sent again although the body changed" in hint
+    assert "(keys 1)" in hint  # only the edited one
+    assert "give it a new message (a new key)" in hint
 
 
 # -- the pipeline with real Meltano -------------------------------------------------------------
