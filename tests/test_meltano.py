@@ -27,11 +27,12 @@ setting) need no Meltano and run everywhere.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,66 @@ def test_a_duplicate_whose_body_changed_says_so_and_what_to_do(
     assert "give it a new message (a new key)" in hint
 
 
+def _readme_stream_map() -> dict[str, Any]:
+    """The stream map README.md shows for the TMS outbox (its first yaml block with one)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL):
+        data = yaml.safe_load(block)
+        if isinstance(data, dict) and STREAM in (data.get("stream_maps") or {}):
+            found: dict[str, Any] = data["stream_maps"][STREAM]
+            return found
+    raise AssertionError("README.md shows no stream map for " + STREAM)
+
+
+def test_sample_maps_broadcast_only_when_the_tms_row_asks(tmp_path: Path, sandbox: Sandbox) -> None:
+    config = _loader_definition()["config"]
+    maps = config["stream_maps"][STREAM]
+    readme = _readme_stream_map()
+    assert {name: maps.get(name) for name in readme} == readme  # README and meltano.yml agree
+    for name in ("mode", "recipient_group", "source_recipient_ids"):
+        assert readme[name] == maps[name], name
+
+    def row(key: int, driver: int | None, to_all_drivers: bool) -> dict[str, Any]:
+        # A row of tms.driver_message_outbox as tap-postgres emits it.
+        return {
+            "message_id": key,
+            "fleet_code": "PLF",
+            "load_number": None,
+            "driver_id": driver,
+            "to_all_drivers": to_all_drivers,
+            "driver_eld_id": f"PLF-D{driver}" if driver else None,
+            "dispatcher_eld_id": "PLF-DSP-1",
+            "body": f"message {key}",
+            "priority_code": "NORM",
+            "provider_thread_id": None,
+            "reply_to_provider_message_id": None,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "updated_at": datetime.now(timezone.utc).isoformat(),
+        }
+
+    rows = [row(1, 1041, False), row(2, None, False), row(3, None, True)]
+    result = run_target(
+        tmp_path,
+        sandbox_config(sandbox.url, **config),
+        singer_lines(STREAM, rows, key_properties=["message_id"]),
+    )
+    assert result.returncode == 2, result.stderr  # the driverless row is a dead letter
+    (letter,) = result.dead_letters
+    assert (letter["key"], letter["stage"]) == ("2", "validation")
+    assert any(e["field"].startswith("source_recipient_ids") for e in letter["errors"])
+    bodies = {b["message_text"]: b for b in sandbox.accepted_bodies()}
+    assert set(bodies) == {"message 1", "message 3"}
+    assert (bodies["message 1"]["mode"], bodies["message 1"]["source_recipient_ids"]) == (
+        "direct",
+        ["PLF-D1041"],
+    )
+    assert (bodies["message 3"]["mode"], bodies["message 3"]["recipient_group"]) == (
+        "group",
+        "driver",
+    )
+    assert "source_recipient_ids" not in bodies["message 3"]
+
+
 # -- the pipeline with real Meltano -------------------------------------------------------------
 
 
@@ -274,10 +335,10 @@ def _body(row: Mapping[str, Any]) -> dict[str, Any]:
         "message_text": row["body"],
         "priority": PRIORITY[row["priority_code"]],
     }
-    if row["driver_id"]:
-        body |= {"mode": "direct", "source_recipient_ids": [row["driver_eld_id"]]}
-    else:
+    if row["to_all_drivers"]:
         body |= {"mode": "group", "recipient_group": "driver"}
+    else:
+        body |= {"mode": "direct", "source_recipient_ids": [row["driver_eld_id"]]}
     if row["provider_thread_id"]:
         body["source_thread_id"] = row["provider_thread_id"]
     if row["reply_to_provider_message_id"]:
@@ -371,15 +432,15 @@ def test_meltano_yml_is_valid_meltano_4_and_the_hub_definition_loads(
 NEW_ROWS = """
 INSERT INTO tms.dispatch_messages
     (message_id, fleet_id, load_id, direction, driver_id, dispatcher_id, body, priority_code,
-     thread_root_id, in_reply_to_id, provider_message_id, provider_thread_id)
+     thread_root_id, in_reply_to_id, provider_message_id, provider_thread_id, to_all_drivers)
 VALUES
     (90120, 3, 5004, 'inbound', 311, 301, 'Dock 3 is blocked by a yard truck.', 'NORM',
-     90012, 90013, 'pm-gch-5d77', 'pt-gch-3f02'),
+     90012, 90013, 'pm-gch-5d77', 'pt-gch-3f02', false),
     (90121, 3, 5004, 'outbound', 311, 301, 'Use dock 5, the receiver knows you are coming.',
-     'HIGH', 90012, 90120, NULL, NULL),
+     'HIGH', 90012, 90120, NULL, NULL, false),
     (90122, 2, NULL, 'outbound', NULL, 201,
      'Roanoke yard gate closes at 22:00 tonight for paving; park on Shenandoah Ave.', 'LOW',
-     NULL, NULL, NULL, NULL);
+     NULL, NULL, NULL, NULL, true);
 -- A dispatcher edits a message the driver already has: the trigger moves updated_at.
 UPDATE tms.dispatch_messages SET body = body || ' Booked: Thursday 07:30.' WHERE message_id = 90011;
 """
