@@ -31,6 +31,7 @@ from target_catena_messages.dead_letters import read_dead_letters
 from target_catena_messages.errors import ConfigError, FatalError
 from target_catena_messages.ledger import Key, Ledger, new_run_id
 from target_catena_messages.redact import Redactor
+from target_catena_messages.report import plural
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
 
 logger = logging.getLogger(__name__)
@@ -419,7 +420,7 @@ def _messages_lines(report: Mapping[str, Any]) -> list[str]:
     statuses = ", ".join(report["filters"]["statuses"])
     if not total:
         return [f"No messages with status {statuses}."]
-    lines = [f"{total:,} message(s) with status {statuses}:"]
+    lines = [f"{plural(total, 'message')} with status {statuses}:"]
     lines += _table(
         ["status", "stream", "key", "stage", "operation id", "updated", "reason"],
         [

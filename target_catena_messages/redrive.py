@@ -37,6 +37,7 @@ from target_catena_messages.errors import ConfigError, FatalError
 from target_catena_messages.ledger import Key, Ledger, new_run_id
 from target_catena_messages.ledger_report import default_redrive_log, load_config, locations
 from target_catena_messages.message import MESSAGE_TEXT
+from target_catena_messages.report import plural
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def _redrive(args: argparse.Namespace, out: TextIO) -> str:
         out.write(jsonutil.dumps(message) + "\n")
     out.flush()
     return (
-        f"re-drive {redrive_id}: {len(plan.letters):,} record(s) from {source}"
+        f"re-drive {redrive_id}: {plural(len(plan.letters), 'record')} from {source}"
         + (
             f", {len(plan.already_accepted):,} accepted since and left out"
             if explicit_ledger

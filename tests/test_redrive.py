@@ -89,7 +89,7 @@ def test_redrive_after_a_config_fix_delivers_the_fixed_records_exactly_once(
         check=True,
     )
     lines = proc.stdout.splitlines()
-    assert "5 record(s)" in proc.stderr
+    assert "5 records from" in proc.stderr
     second = target(tmp_path, sandbox, lines, connection_id_by_fleet_ref=FLEET_MAP)
     assert second.returncode == 0, second.stderr
     assert second.summary is not None
@@ -356,6 +356,15 @@ def test_redrive_sends_records_as_they_failed_whatever_the_stream_maps(
     assert third.summary is not None
     assert third.summary["streams"][STREAM]["duplicates"] == 2, third.stderr
     assert len(sandbox.accepted_bodies()) == 2
+
+
+def test_one_redriven_record_is_one_record(
+    tmp_path: Path, redrive_main: Callable[..., tuple[list[str], str]]
+) -> None:
+    path = tmp_path / "dl.jsonl"
+    path.write_text(json.dumps(letter("7")) + "\n")
+    _, err = redrive_main(str(path))
+    assert ": 1 record from " in err
 
 
 def test_redrive_schema_is_told_apart_by_its_reserved_key() -> None:

@@ -3,10 +3,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from target_catena_messages.report import RunReport, emit_summary, plural
+from tests.harness import run_target, sandbox_config, singer_lines
 
 STREAM = "public-dispatch_messages"
 HTTP = {
@@ -373,3 +376,33 @@ def test_emit_summary_logs_each_line_with_the_figures_then_writes_the_json_line(
     texts = [r.getMessage() for r in records]
     assert "confirmation: failed at Catena (dead-lettered)" in texts[-2]
     assert all("\n" not in text for text in texts)
+
+
+CONN_OK = "11111111-1111-4111-8111-111111111111"
+CONN_FAILING = "22222222-2222-4222-8222-222222222222"
+
+
+def test_a_real_run_counts_confirmation_failures_as_dead_letters(
+    tmp_path: Path, sandbox_factory: Any
+) -> None:
+    box = sandbox_factory(
+        {"operations": {"complete_after_seconds": 0, "fail": {"connection_id": CONN_FAILING}}}
+    )
+    records = [
+        {"id": i, "connection_id": conn, "source_recipient_ids": [f"d{i}"], "message_text": "Go"}
+        for i, conn in enumerate([CONN_OK, CONN_OK, CONN_FAILING, CONN_FAILING], 1)
+    ]
+    records.append({"id": 5, "connection_id": CONN_OK, "message_text": " "})  # invalid
+    result = run_target(
+        tmp_path,
+        sandbox_config(box.url, confirm_operations=True, confirm_timeout_seconds=60),
+        singer_lines(STREAM, records),
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.summary is not None
+    assert len(result.dead_letters) == 3
+    for figures in (result.summary["totals"], result.summary["streams"][STREAM]):
+        assert figures["dead_lettered"] == 3 == result.summary["dead_letters"]["written"]
+        assert figures["dead_lettered_by_stage"]["confirmation"] == 2
+        assert figures["dead_lettered_by_stage"]["validation"] == 1
+    assert result.summary["confirmation"]["failed"] == 2
