@@ -163,7 +163,7 @@ class RunReport:
         return total
 
     def has_failures(self) -> bool:
-        """Whether this run dead-lettered or expired any record (exit code 2, contract §7).
+        """Whether this run dead-lettered or expired any record (exit code 2).
 
         Records skipped because they were dead-lettered in an earlier run do not count: that
         failure was reported by the run that had it.
