@@ -34,6 +34,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -243,15 +244,19 @@ def test_a_duplicate_whose_body_changed_says_so_and_what_to_do(
     assert "give it a new message (a new key)" in hint
 
 
-def _readme_stream_map() -> dict[str, Any]:
-    """The stream map README.md shows for the TMS outbox (its first yaml block with one)."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+def _shown_stream_map(text: str) -> dict[str, Any]:
+    """The stream map for the TMS outbox that a document shows (its first yaml block with one)."""
     for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL):
-        data = yaml.safe_load(block)
+        data = yaml.safe_load(textwrap.dedent(block))
+        data = data.get("config", data) if isinstance(data, dict) else data
         if isinstance(data, dict) and STREAM in (data.get("stream_maps") or {}):
             found: dict[str, Any] = data["stream_maps"][STREAM]
             return found
-    raise AssertionError("README.md shows no stream map for " + STREAM)
+    raise AssertionError("no stream map for " + STREAM)
+
+
+def _readme_stream_map() -> dict[str, Any]:
+    return _shown_stream_map((REPO / "README.md").read_text(encoding="utf-8"))
 
 
 def test_sample_maps_broadcast_only_when_the_tms_row_asks(tmp_path: Path, sandbox: Sandbox) -> None:
@@ -259,8 +264,10 @@ def test_sample_maps_broadcast_only_when_the_tms_row_asks(tmp_path: Path, sandbo
     maps = config["stream_maps"][STREAM]
     readme = _readme_stream_map()
     assert {name: maps.get(name) for name in readme} == readme  # README and meltano.yml agree
+    hub = _shown_stream_map(_hub_definition()["usage"])
+    assert {name: maps.get(name) for name in hub} == hub  # so does the Hub definition's usage
     for name in ("mode", "recipient_group", "source_recipient_ids"):
-        assert readme[name] == maps[name], name
+        assert readme[name] == maps[name] == hub[name], name
 
     def row(key: int, driver: int | None, to_all_drivers: bool) -> dict[str, Any]:
         # A row of tms.driver_message_outbox as tap-postgres emits it.
