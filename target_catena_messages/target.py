@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import io
 import logging
+import re
 import signal
 import sys
 import time
@@ -300,6 +301,9 @@ class TargetCatenaMessages(Target):
         cause = exc.__cause__
         unknown = getattr(cause, "name", None)
         expression = str(getattr(cause, "expression", "") or "").strip()
+        if not expression:  # e.g. a SyntaxError: the SDK's own message names it
+            said = re.search(r"simpleeval expressions (.*)\.$", str(exc), flags=re.DOTALL)
+            expression = said.group(1).strip() if said else ""
         maps = self.config.get("stream_maps") or {}
         stream_map = maps.get(stream) if isinstance(maps, dict) else None
         prop = next(
