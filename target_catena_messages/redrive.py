@@ -8,8 +8,10 @@ nothing twice. ``--rearm`` lets unchanged dead letters go out again (a 429 storm
 retries): it ends their dead-letter status in the ledger first — an ``ambiguous`` one as an open
 ambiguous claim, so the target looks for an existing operation before any resend.
 
-Dead letters hold records AFTER stream maps: the re-drive config must not apply them again. A
-stream-map mistake is fixed by running the tap again instead (the ledger prevents duplicates).
+Dead letters hold records AFTER stream maps, so the target never maps a re-drive stream again
+(``is_redrive_schema``): a re-drive sends each record as it was when it failed, whatever the
+current ``stream_maps`` say, and needs no config without them. A stream-map mistake is fixed by
+running the tap again instead (the ledger prevents duplicates).
 
 Every re-drive appends one line per record to a re-drive log (JSON lines) before emitting
 anything, so there is a record of what was handed to the target, when, and from which file; the
@@ -35,6 +37,7 @@ from target_catena_messages.errors import ConfigError, FatalError
 from target_catena_messages.ledger import Key, Ledger, new_run_id
 from target_catena_messages.ledger_report import default_redrive_log, load_config, locations
 from target_catena_messages.message import MESSAGE_TEXT
+from target_catena_messages.report import plural
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,15 @@ class Plan:
     letters: list[dict[str, Any]]
     already_accepted: list[Key] = field(default_factory=list)
     rearmed: dict[Key, str] = field(default_factory=dict)  # key -> "removed" | "ambiguous"
+
+
+def is_redrive_schema(message: Mapping[str, Any]) -> bool:
+    """Whether a SCHEMA message announces a re-drive stream (keyed by ``_catena_key`` alone).
+
+    No tap keys a stream by that reserved name, so the target can tell a re-drive from the
+    original stream of the same name and leave its records unmapped.
+    """
+    return message.get("key_properties") == [KEY_FIELD]
 
 
 def newest_per_key(letters: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -202,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="target-catena-messages-redrive",
         description="Emit dead letters as a Singer stream for the target with the FIXED config: "
         "target-catena-messages-redrive dead-letters.jsonl | target-catena-messages --config "
-        "fixed.json (without the stream maps: dead letters hold mapped records).",
+        "fixed.json (the target sends re-driven records as they were, without stream maps).",
     )
     parser.add_argument("file", nargs="?", type=Path, help="the dead-letter file")
     parser.add_argument("--dead-letters", type=Path, metavar="FILE", help="same as FILE")
@@ -235,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _redrive(args: argparse.Namespace, out: TextIO, err: TextIO) -> str:
+def _redrive(args: argparse.Namespace, out: TextIO) -> str:
     """Do one re-drive; returns the summary line for stderr."""
     config = load_config(args.config)
     where = locations(config)
@@ -252,9 +264,6 @@ def _redrive(args: argparse.Namespace, out: TextIO, err: TextIO) -> str:
         args.retryable_only,
     )
     letters = list(read_dead_letters(source))  # all of it before any record goes out
-    warning = _stream_maps_warning(config, {str(x.get("stream")) for x in letters})
-    if warning:
-        err.write(warning + "\n")
     ns = where.ledger_namespace
     if explicit_ledger:
         with Ledger.open(explicit_ledger, run_id=new_run_id(), read_only=not args.rearm) as ledger:
@@ -269,7 +278,7 @@ def _redrive(args: argparse.Namespace, out: TextIO, err: TextIO) -> str:
         out.write(jsonutil.dumps(message) + "\n")
     out.flush()
     return (
-        f"re-drive {redrive_id}: {len(plan.letters):,} record(s) from {source}"
+        f"re-drive {redrive_id}: {plural(len(plan.letters), 'record')} from {source}"
         + (
             f", {len(plan.already_accepted):,} accepted since and left out"
             if explicit_ledger
@@ -280,17 +289,6 @@ def _redrive(args: argparse.Namespace, out: TextIO, err: TextIO) -> str:
     )
 
 
-def _stream_maps_warning(config: Mapping[str, Any], streams: set[str]) -> str | None:
-    maps = config.get("stream_maps")
-    mapped = sorted(streams & set(maps)) if isinstance(maps, dict) else []
-    if not mapped:
-        return None
-    return (
-        f"warning: the config has stream_maps for {', '.join(mapped)}: dead letters hold records "
-        "AFTER stream maps; pipe the re-drive into the target with a config without them"
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``target-catena-messages-redrive``: the Singer stream on stdout, a summary on stderr."""
     args = _parser().parse_args(argv)
@@ -298,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        line = _redrive(args, sys.stdout, sys.stderr)
+        line = _redrive(args, sys.stdout)
     except (FatalError, OSError, ValueError) as exc:
         sys.stderr.write(f"target-catena-messages-redrive: {exc}\n")
         return 1

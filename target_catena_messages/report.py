@@ -1,18 +1,21 @@
-"""What the run tells a person: progress lines while it works and the summary at the end (§7).
+"""What the run tells a person: progress lines while it works and the summary at the end.
 
 Both go to stderr (stdout carries only STATE). The summary is written for whoever watches the
-dispatch pipeline: plain words, aligned numbers, where the dead letters and the ledger are. The
-same facts follow as one ``{"summary": ...}`` JSON line for machines. Counting and rendering
-only; the caller decides when to log. Not thread-safe: counts come from the one thread that
-records outcomes.
+dispatch pipeline: plain words, aligned numbers, where the dead letters and the ledger are. It
+is logged (so Meltano keeps its figures as fields), and the same facts follow as one
+``{"summary": ...}`` JSON line for machines. Not thread-safe: counts come from the one thread
+that records outcomes.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from target_catena_messages import jsonutil
 
 DEAD_LETTER_STAGES = ("validation", "api", "ambiguous", "confirmation")
 """Stages a record can be dead-lettered at (``expired`` is counted on its own)."""
@@ -40,6 +43,7 @@ _STAGE_LABELS: dict[str, str] = {
     "api": "refused by Catena (api)",
     "ambiguous": "send outcome unknown (ambiguous)",
     "confirmation": "failed at Catena after queueing (confirmation)",
+    "expired": "too old, never sent (expired)",
 }
 
 
@@ -159,7 +163,7 @@ class RunReport:
         return total
 
     def has_failures(self) -> bool:
-        """Whether this run dead-lettered or expired any record (exit code 2, contract §7).
+        """Whether this run dead-lettered or expired any record (exit code 2).
 
         Records skipped because they were dead-lettered in an earlier run do not count: that
         failure was reported by the run that had it.
@@ -203,38 +207,51 @@ class RunReport:
         http: Mapping[str, float],
         exit_code: int,
         elapsed: float,
+        confirmation: Mapping[str, Any] | None = None,
     ) -> tuple[list[str], dict[str, Any]]:
         """The human summary lines, and the object the final JSON line carries under ``summary``.
 
-        The caller writes the lines, then ``{"summary": <object>}`` as one JSON line.
+        Dead letters are counted as the dead-letter file and the ledger report count them:
+        every stage, ``expired`` and ``confirmation`` (Catena's failures of messages it had
+        accepted, from ``confirmation``) included, so ``totals.dead_lettered`` adds up to
+        ``dead_letters.written``. ``expired`` stays as a field of its own as well.
+
+        Each line reads on its own (a stage names the dead-lettering it counts): log
+        collectors such as Meltano strip the indentation. :func:`emit_summary` writes them.
         """
+        failed = _failed_by_stream(confirmation)
         total = self.totals()
+        records = total.done  # confirmation failures were records counted as accepted already
+        streams = {name: _figures(c, failed.get(name, 0)) for name, c in self._streams.items()}
+        totals = _figures(total, sum(failed.values()))
         http_ordered = _ordered_http(http)
         data: dict[str, Any] = {
             "run_id": self._run_id,
             "exit_code": exit_code,
             "elapsed_seconds": round(elapsed, 3),
-            "records": total.done,
-            "streams": {name: c.as_dict() for name, c in self._streams.items()},
-            "totals": total.as_dict(),
+            "records": records,
+            "streams": streams,
+            "totals": totals,
             "dead_letters": {"path": dead_letter_path, "written": dead_letters_written},
             "ledger": ledger_location,
             "http": http_ordered,
         }
+        if confirmation is not None:
+            data["confirmation"] = dict(confirmation)
         lines = [
-            f"Catena delivery summary, run {self._run_id}: {total.done:,} records in "
+            f"Catena delivery summary, run {self._run_id}: {plural(records, 'record')} in "
             f"{_duration(elapsed)}, exit code {exit_code} ({_exit_meaning(exit_code)})",
         ]
-        blocks = list(self._streams.items())
+        blocks = list(streams.items())
         if len(blocks) != 1:
-            blocks.append(("all streams", total))
+            blocks.append(("all streams", totals))
         rows: list[_Row] = []
-        for name, counts in blocks:
-            rows.append((name, "", ""))
-            rows.extend(_count_rows(counts))
+        for name, figures in blocks:
+            rows.append((f"{name}:" if name == "all streams" else f"stream {name}:", "", ""))
+            rows.extend(_count_rows(figures))
         rows.append(("dead letters written", f"{dead_letters_written:,}", f"to {dead_letter_path}"))
         rows.append(("ledger", "", ledger_location))
-        rows.append(("Catena API", "", ""))
+        rows.append(("Catena API:", "", ""))
         rows.extend(
             (f"  {_HTTP_LABELS.get(k, k.replace('_', ' '))}", _number(v), "")
             for k, v in http_ordered.items()
@@ -243,23 +260,122 @@ class RunReport:
         return lines, data
 
 
-def _count_rows(counts: StreamCounts) -> list[_Row]:
+def emit_summary(
+    report: RunReport,
+    *,
+    log: logging.Logger,
+    write_line: Callable[[str], None],
+    dead_letter_path: str,
+    dead_letters_written: int,
+    ledger_location: str,
+    http: Mapping[str, float],
+    exit_code: int,
+    elapsed: float,
+    confirmation: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the end-of-run summary: log records for people and pipelines, then the JSON line.
+
+    Meltano re-parses a plugin's stderr and keeps structure only for singer-sdk's JSON log
+    records, so the summary goes through logging: a record per line (readable in any log
+    format), the first carrying every figure as extra fields (``--log-format=json`` shows them
+    as fields of that event). The final ``{"summary": ...}`` line follows, unchanged, for
+    scripts that read the target's stderr directly. Returns the summary object.
+    """
+    lines, data = report.summary(
+        dead_letter_path=dead_letter_path,
+        dead_letters_written=dead_letters_written,
+        ledger_location=ledger_location,
+        http=http,
+        exit_code=exit_code,
+        elapsed=elapsed,
+        confirmation=confirmation,
+    )
+    if confirmation is not None:
+        lines += confirmation_lines(confirmation)
+    level = logging.INFO if exit_code == 0 else logging.WARNING
+    log.log(level, "%s", lines[0], extra={"catena_summary": data, **_flat(data)})
+    for line in lines[1:]:
+        log.log(level, "%s", line)
+    write_line(jsonutil.dumps({"summary": data}))
+    return data
+
+
+def confirmation_lines(counts: Mapping[str, Any]) -> list[str]:
+    """The confirmation block of the summary, each line naming what it counts."""
     rows: list[_Row] = [
-        ("  accepted (queued at Catena)", f"{counts.accepted:,}", ""),
-        ("  duplicates (sent before, not resent)", f"{counts.duplicates:,}", ""),
-        ("  dead-lettered", f"{counts.dead_lettered:,}", ""),
+        ("confirmation: confirmed by Catena (success)", f"{counts['confirmed']:,}", ""),
+        ("confirmation: failed at Catena (dead-lettered)", f"{counts['failed']:,}", ""),
+        ("confirmation: still pending at the timeout", f"{counts['pending']:,}", ""),
+    ]
+    return _align(rows)
+
+
+def plural(n: int, word: str) -> str:
+    """``1 record``, ``2 records``, ``1,000 records``: counts people read."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+def _flat(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The figures a log pipeline filters on, as top-level fields of the summary record."""
+    totals = data["totals"]
+    return {
+        "run_id": data["run_id"],
+        "exit_code": data["exit_code"],
+        "records": data["records"],
+        "accepted": totals["accepted"],
+        "duplicates": totals["duplicates"],
+        "dead_lettered": totals["dead_lettered"],
+        "expired": totals["expired"],
+        "previously_dead_lettered": totals["previously_dead_lettered"],
+        "would_send": totals["would_send"],
+        "dead_letters_written": data["dead_letters"]["written"],
+        "elapsed_seconds": data["elapsed_seconds"],
+    }
+
+
+def _failed_by_stream(confirmation: Mapping[str, Any] | None) -> dict[str, int]:
+    if not confirmation:
+        return {}
+    streams: Mapping[str, Mapping[str, int]] = confirmation.get("streams") or {}
+    return {name: int(c.get("failed", 0)) for name, c in streams.items()}
+
+
+def _figures(counts: StreamCounts, confirmation_failed: int) -> dict[str, Any]:
+    """One stream's (or all streams') JSON figures, every dead letter in ``dead_lettered``."""
+    by_stage = dict(counts.dead_lettered_by_stage)
+    by_stage["confirmation"] = by_stage.get("confirmation", 0) + confirmation_failed
+    by_stage["expired"] = counts.expired
+    return {
+        "accepted": counts.accepted,
+        "duplicates": counts.duplicates,
+        "dead_lettered": sum(by_stage.values()),
+        "dead_lettered_by_stage": by_stage,
+        "expired": counts.expired,
+        "previously_dead_lettered": counts.previously_dead_lettered,
+        "would_send": counts.would_send,
+    }
+
+
+def _count_rows(figures: Mapping[str, Any]) -> list[_Row]:
+    rows: list[_Row] = [
+        ("  accepted (queued at Catena)", f"{figures['accepted']:,}", ""),
+        ("  duplicates (sent before, not resent)", f"{figures['duplicates']:,}", ""),
+        ("  dead-lettered", f"{figures['dead_lettered']:,}", ""),
     ]
     rows += [
-        (f"    {_STAGE_LABELS[stage]}", f"{n:,}", "")
-        for stage, n in counts.dead_lettered_by_stage.items()
+        (f"  dead-lettered, {_STAGE_LABELS[stage]}", f"{n:,}", "")
+        for stage, n in figures["dead_lettered_by_stage"].items()
         if n
     ]
-    rows.append(("  expired (too old, not sent)", f"{counts.expired:,}", ""))
     rows.append(
-        ("  dead-lettered in an earlier run, skipped", f"{counts.previously_dead_lettered:,}", "")
+        (
+            "  dead-lettered in an earlier run, skipped",
+            f"{figures['previously_dead_lettered']:,}",
+            "",
+        )
     )
-    if counts.would_send:
-        rows.append(("  would be sent (dry run, nothing sent)", f"{counts.would_send:,}", ""))
+    if figures["would_send"]:
+        rows.append(("  would be sent (dry run, nothing sent)", f"{figures['would_send']:,}", ""))
     return rows
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import timezone
 from typing import Any
 
+from target_catena_messages.report import plural
 from target_catena_messages.report_query import CATEGORIES, parse_time
 
 _REASON_WIDTH = 100
@@ -83,7 +84,7 @@ def _messages_lines(report: Mapping[str, Any]) -> list[str]:
     statuses = ", ".join(report["filters"]["statuses"])
     if not total:
         return [f"No messages with status {statuses}."]
-    lines = [f"{total:,} message(s) with status {statuses}:"]
+    lines = [f"{plural(total, 'message')} with status {statuses}:"]
     lines += _table(
         ["status", "stream", "key", "stage", "operation id", "updated", "reason"],
         [

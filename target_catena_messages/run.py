@@ -33,7 +33,6 @@ from target_catena_messages.confirm import (
     dead_letter_fields,
     ledger_updates,
     summary_counts,
-    summary_lines,
 )
 from target_catena_messages.connect import client_from_settings
 from target_catena_messages.dead_letters import DeadLetterWriter
@@ -61,7 +60,7 @@ from target_catena_messages.message import (
 )
 from target_catena_messages.outcome import Message, Outcome, Resolution
 from target_catena_messages.redact import Redactor
-from target_catena_messages.report import RunReport
+from target_catena_messages.report import RunReport, emit_summary, plural
 from target_catena_messages.resolve import UserResolver, wanted
 from target_catena_messages.retry import RetryPolicy
 from target_catena_messages.settings import Settings
@@ -117,9 +116,9 @@ class Run:
             settings.ledger_url, run_id=self.run_id, read_only=settings.dry_run
         )
         logger.info(
-            "Ledger %s holds %d keys (run %s)%s",
+            "Ledger %s holds %s (run %s)%s",
             self.ledger.location,
-            self.ledger.count(),
+            plural(self.ledger.count(), "key"),
             self.run_id,
             " — dry run: read-only, nothing will be sent" if settings.dry_run else "",
         )
@@ -148,6 +147,7 @@ class Run:
         self._stop: threading.Event | None = None
         self._to_confirm: list[Pending] = []  # accepted this run, when confirm_operations
         self._confirmation: dict[str, Any] | None = None
+        self._duplicates: list[Message] = []  # this batch's, for _hint_changed_duplicates
         self.delivery: Delivery | None = None
         self._resolver: UserResolver | None = None
         self._resolve_ids = settings.message_schema == "catena_ids"
@@ -244,7 +244,19 @@ class Run:
         )
 
     def _body_errors(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        return [e.as_dict() for e in self._validator.errors(body)]
+        errors = [e.as_dict() for e in self._validator.errors(body)]
+        fleet = body.get("fleet_ref")
+        if fleet is not None and "connection_id" not in body:
+            # "connection_id is required" does not say that the fleet is the one not configured.
+            known = ", ".join(sorted(self._rules.connection_id_by_fleet_ref)) or "none"
+            for error in errors:
+                if error.get("field") == "connection_id":
+                    error["message"] = (
+                        f"no connection for fleet_ref {fleet!r}: add it to "
+                        f"connection_id_by_fleet_ref (fleets configured: {known}) or set "
+                        "default_connection_id"
+                    )
+        return errors
 
     def _fingerprint(self, body: dict[str, Any]) -> str:
         """``jsonutil.sha256_hex([body, shape])``, byte for byte, without the list."""
@@ -291,6 +303,34 @@ class Run:
         if would_send:
             self._outcomes.put(would_send)
         self._send(to_send)
+        if self._duplicates:
+            self._hint_changed_duplicates()
+
+    def _hint_changed_duplicates(self) -> None:
+        """Warn about duplicates whose body is not the one sent (an edited TMS row).
+
+        The ledger rightly keeps them from going out twice, but "duplicate" alone hides that
+        the driver has the old text. One ledger read per batch that has duplicates.
+        """
+        duplicates, self._duplicates = self._duplicates, []
+        rows = self.ledger.get_many([(m.namespace, m.key) for m in duplicates])
+        changed = [
+            m
+            for m in duplicates
+            if (row := rows.get((m.namespace, m.key))) is not None
+            and row.get("fingerprint") not in (None, m.fingerprint)
+        ]
+        if not changed:
+            return
+        keys = ", ".join(m.key for m in changed[:10]) + (", ..." if len(changed) > 10 else "")
+        logger.warning(
+            "%s in stream %s not sent again although the body changed since it was sent "
+            "(keys %s): the driver has the first version. To send a correction, give it a new "
+            "message (a new key) in the source; the ledger report shows the operation ids sent",
+            plural(len(changed), "duplicate"),
+            changed[0].stream,
+            keys,
+        )
 
     def _resolve_users(self, messages: list[Message]) -> None:
         """catena_ids: turn provider ids into Catena user ids, batched per connection."""
@@ -342,6 +382,7 @@ class Run:
     def _decide_invalid(self, m: Message, result: ClaimResult) -> None:
         if result.decision is Decision.DUPLICATE:
             self._resolve(Outcome(m, Resolution.DUPLICATE, operation_id=result.operation_id))
+            self._duplicates.append(m)
         elif result.decision is Decision.PREVIOUSLY_DEAD_LETTERED:
             self._resolve(Outcome(m, Resolution.PREVIOUSLY_DEAD_LETTERED, stage=result.stage))
         elif m.lookup_failed:
@@ -373,6 +414,7 @@ class Run:
         decision = result.decision
         if decision is Decision.DUPLICATE:
             self._resolve(Outcome(m, Resolution.DUPLICATE, operation_id=result.operation_id))
+            self._duplicates.append(m)
         elif decision is Decision.PREVIOUSLY_DEAD_LETTERED:
             self._resolve(Outcome(m, Resolution.PREVIOUSLY_DEAD_LETTERED, stage=result.stage))
         elif decision is Decision.IN_PROGRESS_ELSEWHERE:
@@ -738,21 +780,19 @@ class Run:
             and not self.settings.allow_dead_letters
         ):
             exit_code = 2
-        lines, summary = self.report.summary(
+        self.ledger.close()
+        emit_summary(
+            self.report,
+            log=logger,
+            write_line=self._stderr,
             dead_letter_path=str(self.dead_letters.path),
             dead_letters_written=self.dead_letters.count,
             ledger_location=self.ledger.location,
             http=self.http_counters(),
             exit_code=exit_code,
             elapsed=time.monotonic() - self._started,
+            confirmation=self._confirmation,
         )
-        if self._confirmation is not None:
-            summary["confirmation"] = self._confirmation
-            lines += summary_lines(self._confirmation, label=lambda text: "  " + text)
-        self.ledger.close()
-        for text in lines:
-            self._stderr(text)
-        self._stderr(jsonutil.dumps({"summary": summary}))
         return exit_code
 
 

@@ -19,8 +19,10 @@ dropped, a full sink drains, old records drain, counts and the record-count metr
 
 from __future__ import annotations
 
+import difflib
 import io
 import logging
+import re
 import signal
 import sys
 import time
@@ -29,7 +31,11 @@ from types import FrameType
 from typing import IO, Any, ClassVar
 
 from singer_sdk import Target
-from singer_sdk.exceptions import MissingKeyPropertiesError, RecordsWithoutSchemaException
+from singer_sdk.exceptions import (
+    MapExpressionError,
+    MissingKeyPropertiesError,
+    RecordsWithoutSchemaException,
+)
 from singer_sdk.helpers.capabilities import CapabilitiesEnum, PluginCapabilities
 from singer_sdk.mapper import SameRecordTransform
 from singer_sdk.plugin_base import _ConfigInput
@@ -39,6 +45,7 @@ from target_catena_messages import jsonutil
 from target_catena_messages.errors import FatalError
 from target_catena_messages.reader import MessageReader
 from target_catena_messages.redact import Redactor
+from target_catena_messages.redrive import is_redrive_schema
 from target_catena_messages.run import Interrupted, Run
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
 from target_catena_messages.sinks import MessagesSink
@@ -67,6 +74,9 @@ _SDC_FIELDS = frozenset(
         "_sdc_sync_started_at",
     )
 )
+
+
+_NOT_OFFERED = ("load_method", "faker_config")
 
 
 def _write_stdout(value: dict[str, Any]) -> None:
@@ -110,6 +120,18 @@ class TargetCatenaMessages(Target):
         # Streams whose records take the lean path, to their sink (see _route_stream).
         self._direct: dict[str, MessagesSink] = {}
         self._max_age_seconds = 60 * self._MAX_RECORD_AGE_IN_MINUTES
+
+    @classmethod
+    def append_builtin_config(cls, config_jsonschema: dict[str, Any]) -> None:
+        """The SDK's built-in settings, less those that mean nothing here.
+
+        ``load_method``: a message is sent once, there is nothing to upsert or overwrite.
+        ``faker_config``: needs singer-sdk's faker extra, which this target does not install.
+        Left out, they are not offered in ``--about`` (so not in Meltano or the Hub either).
+        """
+        super().append_builtin_config(config_jsonschema)
+        for name in _NOT_OFFERED:
+            config_jsonschema.get("properties", {}).pop(name, None)
 
     # -- STATE: ours, not the SDK's ------------------------------------------------------------
 
@@ -178,8 +200,36 @@ class TargetCatenaMessages(Target):
             raise InvalidInputLine(
                 f"SCHEMA for stream {message_dict.get('stream')!r} has no properties object"
             )
-        super()._process_schema_message(message_dict)
+        if is_redrive_schema(message_dict):
+            self._register_unmapped(message_dict)
+        else:
+            super()._process_schema_message(message_dict)
         self._route_stream(message_dict["stream"])
+
+    def _register_unmapped(self, message_dict: dict[str, Any]) -> None:
+        """A re-drive stream gets the identity map, whatever ``stream_maps`` says.
+
+        Its records are dead letters, mapped already when they failed: mapping them again would
+        change them (or drop them, with ``__else__: __NULL__``). Registered as the SDK would,
+        so a repeated SCHEMA is a no-op and a changed one replaces the sink.
+        """
+        stream = message_dict["stream"]
+        schema = message_dict["schema"]
+        keys = message_dict.get("key_properties")
+        current = self.mapper.stream_maps.get(stream)
+        if (
+            current
+            and type(current[0]) is SameRecordTransform
+            and current[0].raw_schema == schema
+            and current[0].raw_key_properties == keys
+        ):
+            return
+        self.mapper.stream_maps[stream] = [
+            SameRecordTransform(
+                stream, schema, keys, flattening_options=self.mapper.flattening_options
+            )
+        ]
+        self.get_sink(stream, schema=schema, key_properties=keys)
 
     # -- records: the lean path ----------------------------------------------------------------
 
@@ -218,7 +268,10 @@ class TargetCatenaMessages(Target):
         sink = self._direct.get(message_dict.get("stream"))  # type: ignore[arg-type]
         record = message_dict.get("record")
         if sink is None or type(record) is not dict:
-            super()._process_record_message(message_dict)
+            try:
+                super()._process_record_message(message_dict)
+            except MapExpressionError as exc:
+                raise FatalError(self._map_expression_problem(message_dict, exc)) from exc
             return
         if not _SDC_FIELDS.isdisjoint(record):
             for name in _SDC_FIELDS.intersection(record):
@@ -235,6 +288,46 @@ class TargetCatenaMessages(Target):
             self.drain_one(sink)
         if time.time() - self._last_full_drain_at > self._max_age_seconds:
             self._handle_max_record_age()
+
+    def _map_expression_problem(self, message_dict: dict[str, Any], exc: Exception) -> str:
+        """What the SDK's "Failed to evaluate simpleeval expressions" leaves out.
+
+        The stream, the setting and expression that failed, the name it does not know and the
+        fields the record does have: a typo in a source column then reads as one.
+        """
+        stream = message_dict.get("stream")
+        record = message_dict.get("record")
+        fields = ", ".join(sorted(record)) if isinstance(record, dict) else "none"
+        cause = exc.__cause__
+        unknown = getattr(cause, "name", None)
+        expression = str(getattr(cause, "expression", "") or "").strip()
+        if not expression:  # e.g. a SyntaxError: the SDK's own message names it
+            said = re.search(r"simpleeval expressions (.*)\.$", str(exc), flags=re.DOTALL)
+            expression = said.group(1).strip() if said else ""
+        maps = self.config.get("stream_maps") or {}
+        stream_map = maps.get(stream) if isinstance(maps, dict) else None
+        prop = next(
+            (
+                name
+                for name, value in (stream_map.items() if isinstance(stream_map, dict) else ())
+                if isinstance(value, str) and value.strip() == expression
+            ),
+            None,
+        )
+        where = f"stream_maps.{stream}.{prop}" if prop else f"a stream map of {stream}"
+        if unknown:
+            problem = f"uses {unknown!r}, which is not a field of the record"
+            close = difflib.get_close_matches(str(unknown), list(record or ()), n=1)
+            problem += f" (did you mean {close[0]!r}?)" if close else ""
+            problem += f"; its fields: {fields}"
+        else:
+            problem = (
+                f"failed: {' '.join(str(cause or exc).split())}; the record's fields: {fields}"
+            )
+        return (
+            f"Stream {stream!r}: the map expression {where} = {expression!r} {problem}; "
+            "fix the expression or the tap's column name"
+        )
 
     @classmethod
     def invoke(  # type: ignore[override]

@@ -375,9 +375,9 @@ def test_text_lists_what_the_json_holds(ledger: Ledger) -> None:
     ledger.record([dead("c", "validation")], now=at(0))
     report = build_report(ledger, Filters(), letters={}, redrives=[], namespace=None, now=at(1))
     lines = render_text(report)
-    assert "1 message(s) with status dead_lettered, ambiguous, pending, in_progress:" in lines
+    assert "1 message with status dead_lettered, ambiguous, pending, in_progress:" in lines
     row = lines[
-        lines.index("1 message(s) with status dead_lettered, ambiguous, pending, in_progress:") + 2
+        lines.index("1 message with status dead_lettered, ambiguous, pending, in_progress:") + 2
     ]
     assert row.split()[:5] == ["dead_lettered", "dispatch", "c", "validation", "-"]
 

@@ -27,11 +27,16 @@ setting) need no Meltano and run everywhere.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import shutil
 import sqlite3
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator, Mapping
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +48,12 @@ from psycopg.rows import dict_row
 from sqlalchemy.engine import make_url
 
 from target_catena_messages.sandbox.server import Sandbox
+from tests.harness import run_target, sandbox_config, singer_lines
 from tests.meltano.project import (
     REPO,
     MeltanoProject,
     ensure_meltano,
+    json_event,
     load_meltano_yml,
     make_project,
     meltano_schema_path,
@@ -145,9 +152,195 @@ def test_hub_definition_is_the_meltano_yml_plugin() -> None:
         assert hub[key] == loader[key], key
     by_name = {s["name"]: s for s in loader["settings"]}
     assert {s["name"]: s for s in hub["settings"]} == by_name
-    assert hub["pip_url"] == "target-catena-messages"
-    for key in ("variant", "label", "description", "repo", "domain_url", "maintenance_status"):
+    # Installable as shipped: from the checkout the docs put in the project (not on PyPI yet).
+    assert hub["pip_url"] == "$MELTANO_PROJECT_ROOT/plugins/target-catena-messages"
+    for key in ("label", "description", "domain_url", "maintenance_status"):
         assert hub[key], key
+    # variant and repo are the publisher's to add; no placeholder in the meantime.
+    assert "variant" not in hub
+    assert "repo" not in hub
+    assert "OWNER" not in (REPO / "target-catena-messages.yml").read_text()
+
+
+def test_settings_that_mean_nothing_here_are_not_offered(about: dict[str, Any]) -> None:
+    properties = about["settings"]["properties"]
+    assert "load_method" not in properties
+    assert "faker_config" not in properties
+    assert "stream_maps" in properties  # the rest of the SDK's built-ins stay
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("bodyy", "uses 'bodyy', which is not a field of the record (did you mean 'body'?)"),
+        ("body.upper_case()", "failed: Attribute 'upper_case' does not exist"),
+    ],
+)
+def test_a_map_expression_error_names_stream_setting_name_and_fields(
+    tmp_path: Path, expression: str, expected: str
+) -> None:
+    maps = {STREAM: {"__key_properties__": ["message_id"], "message_text": expression}}
+    row = {"message_id": 1, "body": "Gate 4", "fleet_code": "PLF"}
+    result = run_target(
+        tmp_path,
+        {"dry_run": True, "default_connection_id": CONNECTIONS["PLF"], "stream_maps": maps},
+        singer_lines(STREAM, [row], key_properties=["message_id"]),
+    )
+    assert result.returncode == 1
+    (fatal,) = [line for line in result.stderr.splitlines() if "fatal:" in line]
+    assert f"Stream '{STREAM}': the map expression stream_maps.{STREAM}.message_text" in fatal
+    assert repr(expression) in fatal
+    assert expected in fatal
+    assert "body, fleet_code, message_id" in fatal  # the fields the record has
+    assert "MapExpressionError" not in result.stderr
+
+
+def test_an_unknown_fleet_ref_is_named_in_the_dead_letter(tmp_path: Path) -> None:
+    rows = [
+        {
+            "message_id": 1,
+            "message_text": "Gate 4",
+            "fleet_ref": "NWX",
+            "source_recipient_ids": ["PLF-D1"],
+        }
+    ]
+    result = run_target(
+        tmp_path,
+        {"dry_run": True, "connection_id_by_fleet_ref": {"PLF": CONNECTIONS["PLF"]}},
+        singer_lines(STREAM, rows, key_properties=["message_id"]),
+    )
+    (letter,) = result.dead_letters
+    (error,) = [e for e in letter["errors"] if e["field"] == "connection_id"]
+    assert error["message"] == (
+        "no connection for fleet_ref 'NWX': add it to connection_id_by_fleet_ref "
+        "(fleets configured: PLF) or set default_connection_id"
+    )
+
+
+def test_a_duplicate_whose_body_changed_says_so_and_what_to_do(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    def row(key: int, text: str) -> dict[str, Any]:
+        return {"message_id": key, "message_text": text, "source_recipient_ids": ["PLF-D1"]}
+
+    config = sandbox_config(sandbox.url, default_connection_id=CONNECTIONS["PLF"])
+    first = run_target(
+        tmp_path,
+        config,
+        singer_lines(STREAM, [row(1, "Dock 3"), row(2, "Dock 4")], key_properties=["message_id"]),
+    )
+    assert first.returncode == 0, first.stderr
+    assert "not sent again" not in first.stderr
+    edited = [row(1, "Dock 3, booked Thursday 07:30"), row(2, "Dock 4")]
+    second = run_target(
+        tmp_path, config, singer_lines(STREAM, edited, key_properties=["message_id"])
+    )
+    assert second.summary is not None
+    assert second.summary["totals"]["duplicates"] == 2
+    assert len(sandbox.accepted_bodies()) == 2
+    (hint,) = [line for line in second.stderr.splitlines() if "not sent again" in line]
+    assert f"1 duplicate in stream {STREAM} not sent again although the body changed" in hint
+    assert "(keys 1)" in hint  # only the edited one
+    assert "give it a new message (a new key)" in hint
+
+
+def _shown_stream_map(text: str) -> dict[str, Any]:
+    """The stream map for the TMS outbox that a document shows (its first yaml block with one)."""
+    for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL):
+        data = yaml.safe_load(textwrap.dedent(block))
+        data = data.get("config", data) if isinstance(data, dict) else data
+        if isinstance(data, dict) and STREAM in (data.get("stream_maps") or {}):
+            found: dict[str, Any] = data["stream_maps"][STREAM]
+            return found
+    raise AssertionError("no stream map for " + STREAM)
+
+
+def _readme_stream_map() -> dict[str, Any]:
+    return _shown_stream_map((REPO / "README.md").read_text(encoding="utf-8"))
+
+
+def test_sample_maps_broadcast_only_when_the_tms_row_asks(tmp_path: Path, sandbox: Sandbox) -> None:
+    config = _loader_definition()["config"]
+    maps = config["stream_maps"][STREAM]
+    readme = _readme_stream_map()
+    assert {name: maps.get(name) for name in readme} == readme  # README and meltano.yml agree
+    hub = _shown_stream_map(_hub_definition()["usage"])
+    assert {name: maps.get(name) for name in hub} == hub  # so does the Hub definition's usage
+    for name in ("mode", "recipient_group", "source_recipient_ids"):
+        assert readme[name] == maps[name] == hub[name], name
+
+    def row(key: int, driver: int | None, to_all_drivers: bool) -> dict[str, Any]:
+        # A row of tms.driver_message_outbox as tap-postgres emits it.
+        return {
+            "message_id": key,
+            "fleet_code": "PLF",
+            "load_number": None,
+            "driver_id": driver,
+            "to_all_drivers": to_all_drivers,
+            "driver_eld_id": f"PLF-D{driver}" if driver else None,
+            "dispatcher_eld_id": "PLF-DSP-1",
+            "body": f"message {key}",
+            "priority_code": "NORM",
+            "provider_thread_id": None,
+            "reply_to_provider_message_id": None,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "updated_at": datetime.now(timezone.utc).isoformat(),
+        }
+
+    rows = [row(1, 1041, False), row(2, None, False), row(3, None, True)]
+    result = run_target(
+        tmp_path,
+        sandbox_config(sandbox.url, **config),
+        singer_lines(STREAM, rows, key_properties=["message_id"]),
+    )
+    assert result.returncode == 2, result.stderr  # the driverless row is a dead letter
+    (letter,) = result.dead_letters
+    assert (letter["key"], letter["stage"]) == ("2", "validation")
+    assert any(e["field"].startswith("source_recipient_ids") for e in letter["errors"])
+    bodies = {b["message_text"]: b for b in sandbox.accepted_bodies()}
+    assert set(bodies) == {"message 1", "message 3"}
+    assert (bodies["message 1"]["mode"], bodies["message 1"]["source_recipient_ids"]) == (
+        "direct",
+        ["PLF-D1041"],
+    )
+    assert (bodies["message 3"]["mode"], bodies["message 3"]["recipient_group"]) == (
+        "group",
+        "driver",
+    )
+    assert "source_recipient_ids" not in bodies["message 3"]
+
+
+def _demo(output: Path, *args: str) -> dict[str, Any]:
+    """``scripts/demo ARGS`` writing to ``output``; its summary."""
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "demo"), *args],
+        env={**os.environ, "DEMO_OUTPUT": str(output)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the script's own status, not the target's
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith('{"summary":')]
+    summary: dict[str, Any] = json.loads(line)["summary"]
+    return summary
+
+
+def test_the_demo_run_again_sends_nothing_as_the_readme_says(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "`./scripts/demo --again`" in readme
+    assert "reports 291 duplicates and the 9 bad rows" in readme
+    output = tmp_path / "demo"
+    first = _demo(output)
+    assert (first["totals"]["accepted"], first["totals"]["dead_lettered"]) == (291, 9)
+    again = _demo(output, "--again")
+    assert again["totals"]["accepted"] == 0
+    assert again["totals"]["duplicates"] == 291
+    assert again["totals"]["previously_dead_lettered"] == 9
+    assert again["exit_code"] == 0
+    assert again["http"]["requests"] == 0
+    fresh = _demo(output)  # without --again: a fresh start, the ledger wiped with output/
+    assert fresh["totals"]["accepted"] == 291
 
 
 # -- the pipeline with real Meltano -------------------------------------------------------------
@@ -191,10 +384,10 @@ def _body(row: Mapping[str, Any]) -> dict[str, Any]:
         "message_text": row["body"],
         "priority": PRIORITY[row["priority_code"]],
     }
-    if row["driver_id"]:
-        body |= {"mode": "direct", "source_recipient_ids": [row["driver_eld_id"]]}
-    else:
+    if row["to_all_drivers"]:
         body |= {"mode": "group", "recipient_group": "driver"}
+    else:
+        body |= {"mode": "direct", "source_recipient_ids": [row["driver_eld_id"]]}
     if row["provider_thread_id"]:
         body["source_thread_id"] = row["provider_thread_id"]
     if row["reply_to_provider_message_id"]:
@@ -242,25 +435,41 @@ def _run(
     *args: str,
     env: Mapping[str, str] | None = None,
     exit_code: int = 0,
+    output: list[str] | None = None,
 ) -> dict[str, Any]:
-    """``meltano ARGS``; the target's summary for the stream, after checking the exit codes."""
+    """``meltano ARGS``; the target's summary for the stream, after checking the exit codes.
+
+    ``output``, when given, receives Meltano's whole output.
+    """
     proc = project.run(*args, env=env)
-    output = proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
     if exit_code == 0:
         require_success(proc, args)
     else:
-        assert proc.returncode != 0, output  # Meltano fails the run when the loader does
-    assert CLIENT_SECRET not in output
-    (summary,) = summaries(output)
-    assert summary["exit_code"] == exit_code, output
+        assert proc.returncode != 0, text  # Meltano fails the run when the loader does
+    assert CLIENT_SECRET not in text
+    (summary,) = summaries(text)
+    assert summary["exit_code"] == exit_code, text
+    if output is not None:
+        output.append(text)
     stream: dict[str, Any] = summary["streams"][STREAM]
     return stream
 
 
+def _summary_lines(output: str) -> list[str]:
+    """The summary's human lines as Meltano's text log format shows them, without the prefix."""
+    lines = output.splitlines()
+    (start,) = [i for i, line in enumerate(lines) if "Catena delivery summary, run" in line]
+    shown = []
+    for line in lines[start:]:
+        if '{"summary":' in line:
+            return shown
+        shown.append(re.sub(r"^\S+ \[[^\]]*\] \S+ ", "", line).strip())  # time [level] plugin
+    raise AssertionError('no {"summary": ...} line after the summary')
+
+
 @pytest.mark.meltano
-def test_meltano_yml_is_valid_meltano_4_and_the_hub_definition_loads(
-    meltano: Path, tmp_path: Path
-) -> None:
+def test_meltano_yml_is_valid_meltano_4(meltano: Path, tmp_path: Path) -> None:
     schema = json.loads(meltano_schema_path().read_text())
     jsonschema.validate(load_meltano_yml(), schema)
     project = make_project(tmp_path / "project", meltano, {})
@@ -269,34 +478,79 @@ def test_meltano_yml_is_valid_meltano_4_and_the_hub_definition_loads(
     (schedule,) = json.loads(listed.stdout)["schedules"]["job"]
     assert schedule["job"] == {"name": "tms-to-catena", "tasks": ["tap-tms target-catena-messages"]}
 
-    # `meltano add --from-ref` reads the Hub definition as the Hub would serve it.
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "meltano.yml").write_text("default_environment: dev\nenvironments: [{name: dev}]\n")
-    fresh = MeltanoProject(empty, meltano, project.env)
-    hub_file = str(REPO / "target-catena-messages.yml")
-    added = fresh.run(
-        "add", "loader", "target-catena-messages", "--from-ref", hub_file, "--no-install"
+
+def _documented_add_command() -> list[str]:
+    """The `meltano add` line for the loader, as docs/meltano.md shows it (README must agree)."""
+    prefix = "meltano add --plugin-type loader target-catena-messages --from-ref "
+    docs = (REPO / "docs" / "meltano.md").read_text(encoding="utf-8")
+    (line,) = [x.strip() for x in docs.splitlines() if x.strip().startswith(prefix)]
+    assert line in (REPO / "README.md").read_text(encoding="utf-8")
+    return shlex.split(line)[1:]
+
+
+def _checkout(destination: Path) -> None:
+    """This working tree's files as a clone would have them (no venvs, no ignored files)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+@pytest.mark.meltano
+def test_meltano_add_as_documented_gives_one_loader_that_installs(
+    meltano: Path, tmp_path: Path
+) -> None:
+    """A fresh `meltano init` project, the docs' commands verbatim, the definition as shipped."""
+    env = make_project(tmp_path / "unused", meltano, {}).env
+    init = subprocess.run(
+        [str(meltano), "init", "tms-pipeline", "--no_usage_stats"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
-    require_success(added, ["add", "--from-ref"])
-    (loader,) = load_meltano_yml(empty / "meltano.yml")["plugins"]["loaders"]
+    assert init.returncode == 0, init.stdout + init.stderr
+    fresh = MeltanoProject(tmp_path / "tms-pipeline", meltano, env)
+    _checkout(fresh.root / "plugins" / "target-catena-messages")  # the docs' `git clone`
+    require_success(fresh.run(*_documented_add_command()), ["add"])
+
+    plugins = load_meltano_yml(fresh.root / "meltano.yml")["plugins"]
+    assert list(plugins) == ["loaders"], plugins.keys()  # no stray utility, nothing else
+    (loader,) = plugins["loaders"]
+    assert loader["name"] == "target-catena-messages"
     assert {s["name"] for s in loader["settings"]} == {
         s["name"] for s in _hub_definition()["settings"]
     }
+    assert "OWNER" not in (fresh.root / "meltano.yml").read_text()
+
+    require_success(fresh.run("install"), ["install"])  # pip_url as shipped, nothing rewritten
+    about = fresh.run("invoke", "target-catena-messages", "--about", "--format", "json")
+    require_success(about, ["invoke", "--about"])
+    assert json.loads(about.stdout)["name"] == "target-catena-messages"
 
 
 NEW_ROWS = """
 INSERT INTO tms.dispatch_messages
     (message_id, fleet_id, load_id, direction, driver_id, dispatcher_id, body, priority_code,
-     thread_root_id, in_reply_to_id, provider_message_id, provider_thread_id)
+     thread_root_id, in_reply_to_id, provider_message_id, provider_thread_id, to_all_drivers)
 VALUES
     (90120, 3, 5004, 'inbound', 311, 301, 'Dock 3 is blocked by a yard truck.', 'NORM',
-     90012, 90013, 'pm-gch-5d77', 'pt-gch-3f02'),
+     90012, 90013, 'pm-gch-5d77', 'pt-gch-3f02', false),
     (90121, 3, 5004, 'outbound', 311, 301, 'Use dock 5, the receiver knows you are coming.',
-     'HIGH', 90012, 90120, NULL, NULL),
+     'HIGH', 90012, 90120, NULL, NULL, false),
     (90122, 2, NULL, 'outbound', NULL, 201,
      'Roanoke yard gate closes at 22:00 tonight for paving; park on Shenandoah Ave.', 'LOW',
-     NULL, NULL, NULL, NULL);
+     NULL, NULL, NULL, NULL, true);
 -- A dispatcher edits a message the driver already has: the trigger moves updated_at.
 UPDATE tms.dispatch_messages SET body = body || ' Booked: Thursday 07:30.' WHERE message_id = 90011;
 """
@@ -339,7 +593,13 @@ VALUES (90130, 1, 'outbound', 1047, 101, 'Reminder: log your pre-trip inspection
 
 def _first_run(project: MeltanoProject, tms: str, sandbox: Sandbox) -> dict[str, str]:
     """Every outbound row, mapped as the stream maps say, exactly once; the bookmark stored."""
-    first = _run(project, "run", "tap-tms", "target-catena-messages")
+    output: list[str] = []
+    first = _run(project, "run", "tap-tms", "target-catena-messages", output=output)
+    # Meltano's text format: one event per summary line, each readable without its indentation.
+    shown = _summary_lines(output[0])
+    assert shown[0].endswith("exit code 0 (finished)")
+    assert f"stream {STREAM}:" in shown
+    assert [line.split()[-1] for line in shown if line.startswith("accepted")] == ["12"]
     rows = _outbox(tms)
     assert len(rows) == 12
     received = _by_text(sandbox.accepted_bodies())
@@ -370,7 +630,13 @@ def _incremental_run(
     """New rows are sent; the re-read boundary row and an edited row are duplicates."""
     boundary = str(_outbox(tms)[-1]["message_id"])
     _execute(tms, NEW_ROWS)
-    second = _run(project, "run", "tms-to-catena")  # the job, as the schedule runs it
+    output: list[str] = []
+    second = _run(project, "run", "tms-to-catena", output=output)  # the job, as scheduled
+    # The edited row is a duplicate, and the target says its body changed and what to do.
+    (hint,) = [line for line in output[0].splitlines() if "not sent again although" in line]
+    assert "1 duplicate in stream" in hint
+    assert "(keys 90011)" in hint
+    assert "a new key" in hint
     rows = _outbox(tms)
     new = {row["message_id"]: _body(row) for row in rows if row["message_id"] in (90121, 90122)}
     received = _by_text(sandbox.accepted_bodies())
@@ -390,8 +656,21 @@ def _incremental_run(
 def _failed_run_and_redrive(project: MeltanoProject, tms: str, sandbox: Sandbox) -> None:
     """Dead letters fail the run, Meltano keeps the safe state; both re-drives of the runbook."""
     _execute(tms, BAD_ROWS)
-    failed = _run(project, "run", "tms-to-catena", exit_code=2)
+    output: list[str] = []
+    failed = _run(project, "--log-format=json", "run", "tms-to-catena", exit_code=2, output=output)
     assert (failed["accepted"], failed["dead_lettered"]) == (1, 3)
+    # With --log-format=json the summary is one event whose fields a log pipeline can read.
+    events = [e for e in map(json_event, output[0].splitlines()) if e is not None]
+    (headline,) = [e for e in events if str(e["event"]).startswith("Catena delivery summary")]
+    assert (headline["exit_code"], headline["accepted"], headline["dead_lettered"]) == (2, 1, 3)
+    assert headline["dead_letters_written"] == 3
+    assert (
+        headline["catena_summary"]["streams"][STREAM]["dead_lettered_by_stage"]["validation"] == 3
+    )
+    assert headline["level"] == "warning"
+    stage_rows = [str(e["event"]).strip() for e in events if "(validation)" in str(e["event"])]
+    assert [row.split()[-1] for row in stage_rows] == ["3"]
+    assert stage_rows[0].startswith("dead-lettered, invalid record (validation)")
     assert len(sandbox.accepted_bodies()) == 15
     assert _bookmark(project.state(STATE_ID)) == _outbox(tms)[-1]["updated_at"]
     letters = {letter["key"]: letter for letter in _dead_letters(project)}
@@ -409,12 +688,8 @@ def _failed_run_and_redrive(project: MeltanoProject, tms: str, sandbox: Sandbox)
     require_success(project.run(*fix, NWX_CONNECTION), fix)
     redrive = project.run("invoke", "target-catena-messages:redrive", "--key", "90143")
     require_success(redrive, ["invoke", "target-catena-messages:redrive"])
-    target = project.run(
-        "invoke",
-        "target-catena-messages",
-        env={"TARGET_CATENA_MESSAGES_STREAM_MAPS": "{}"},  # dead letters are mapped already
-        stdin=redrive.stdout,
-    )
+    # As the runbook says: straight into the target, stream maps and all (not applied to it).
+    target = project.run("invoke", "target-catena-messages", stdin=redrive.stdout)
     require_success(target, ["invoke", "target-catena-messages"])
     (summary,) = summaries(target.stderr)
     assert summary["streams"][STREAM]["accepted"] == 1

@@ -89,7 +89,7 @@ def test_redrive_after_a_config_fix_delivers_the_fixed_records_exactly_once(
         check=True,
     )
     lines = proc.stdout.splitlines()
-    assert "5 record(s)" in proc.stderr
+    assert "5 records from" in proc.stderr
     second = target(tmp_path, sandbox, lines, connection_id_by_fleet_ref=FLEET_MAP)
     assert second.returncode == 0, second.stderr
     assert second.summary is not None
@@ -286,16 +286,93 @@ def test_rearm_needs_the_ledger_and_errors_are_one_line(
     assert "dl.jsonl:1: not a JSON line" in err
 
 
-def test_stream_maps_in_the_redrive_config_are_warned_about(
+# Maps a re-drive must not apply again: the dead letters hold their output. The first is not
+# idempotent (a prefix added twice); the second reads source columns its own output drops; both
+# drop every other stream (``__else__: __NULL__``), a re-drive stream under any name included.
+PREFIXING_MAPS = {
+    STREAM: {"message_text": "'Dispatch: ' + message_text"},
+    "__else__": "__NULL__",
+}
+RENAMING_MAPS = {
+    STREAM: {
+        "id": "id",
+        "message_text": "'Dispatch: ' + body",
+        "source_sender_id": "sender",
+        "source_recipient_ids": "[driver]",
+        "fleet_ref": "fleet",
+        "__else__": "__NULL__",
+    },
+    "__else__": "__NULL__",
+}
+
+
+def _source_row(i: int, fleet: str) -> dict[str, Any]:
+    return {
+        "id": i,
+        "body": f"Load {i}: dock {i % 9}",
+        "sender": "dispatcher-7",
+        "driver": f"driver-{i}",
+        "fleet": fleet,
+    }
+
+
+@pytest.mark.parametrize("maps", [PREFIXING_MAPS, RENAMING_MAPS], ids=["prefixing", "renaming"])
+def test_redrive_sends_records_as_they_failed_whatever_the_stream_maps(
+    tmp_path: Path,
+    sandbox: Any,
+    redrive_main: Callable[..., tuple[list[str], str]],
+    maps: dict[str, Any],
+) -> None:
+    if maps is PREFIXING_MAPS:
+        records = [message(i, fleet_ref="fleet-a") for i in (1, 2)]
+    else:
+        records = [_source_row(i, "fleet-a") for i in (1, 2)]
+    first = target(tmp_path, sandbox, singer_lines(STREAM, records), stream_maps=maps)
+    assert sorted(d["key"] for d in first.dead_letters) == ["1", "2"]  # no connection for fleet-a
+    expected = {"Dispatch: Load 1: dock 1", "Dispatch: Load 2: dock 2"}
+    assert {d["record"]["message_text"] for d in first.dead_letters} == expected
+
+    # The fixed config keeps the maps, as Meltano does: it merges an override into them.
+    lines, _ = redrive_main(str(tmp_path / "dead-letters.jsonl"))
+    second = target(
+        tmp_path, sandbox, lines, stream_maps=maps, connection_id_by_fleet_ref=FLEET_MAP
+    )
+    assert second.returncode == 0, second.stderr
+    assert second.summary is not None
+    assert second.summary["streams"][STREAM]["accepted"] == 2, second.stderr
+    bodies = sandbox.accepted_bodies()
+    assert {b["message_text"] for b in bodies} == expected  # mapped once, when first read
+    assert {b["connection_id"] for b in bodies} == {CONN_FLEET_A}
+    assert all(KEY_FIELD not in b for b in bodies)
+
+    # The original stream is still mapped: the same rows from the tap are duplicates now.
+    third = target(
+        tmp_path,
+        sandbox,
+        singer_lines(STREAM, records),
+        stream_maps=maps,
+        connection_id_by_fleet_ref=FLEET_MAP,
+    )
+    assert third.summary is not None
+    assert third.summary["streams"][STREAM]["duplicates"] == 2, third.stderr
+    assert len(sandbox.accepted_bodies()) == 2
+
+
+def test_one_redriven_record_is_one_record(
     tmp_path: Path, redrive_main: Callable[..., tuple[list[str], str]]
 ) -> None:
     path = tmp_path / "dl.jsonl"
-    letter = {"stream": STREAM, "key": "1", "stage": "validation", "record": {"id": 1}}
-    path.write_text(json.dumps(letter) + "\n")
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"stream_maps": {STREAM: {"message_text": "body"}}}))
-    _, err = redrive_main(str(path), "--config", str(config))
-    assert "stream_maps for public-dispatch_messages" in err
+    path.write_text(json.dumps(letter("7")) + "\n")
+    _, err = redrive_main(str(path))
+    assert ": 1 record from " in err
+
+
+def test_redrive_schema_is_told_apart_by_its_reserved_key() -> None:
+    letters = [letter("7")]
+    schema = next(singer_messages(letters))
+    assert redrive.is_redrive_schema(schema)
+    assert not redrive.is_redrive_schema({**schema, "key_properties": ["id"]})
+    assert not redrive.is_redrive_schema({**schema, "key_properties": [KEY_FIELD, "id"]})
 
 
 # -- selection and the stream (pure) -----------------------------------------------------------

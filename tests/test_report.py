@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from target_catena_messages.report import RunReport
+from target_catena_messages.report import RunReport, emit_summary, plural
+from tests.harness import run_target, sandbox_config, singer_lines
 
 STREAM = "public-dispatch_messages"
 HTTP = {
@@ -147,11 +151,12 @@ def test_summary_human_lines() -> None:
     assert "all streams" in text  # several streams get a total block
     assert row(lines, "accepted").split()[-1] == "291"
     assert row(lines, "duplicates").split()[-1] == "4"
-    assert row(lines, "dead-lettered").split()[-1] == "8"
-    assert row(lines, "invalid record (validation)").split()[-1] == "7"
-    assert row(lines, "send outcome unknown (ambiguous)").split()[-1] == "1"
-    assert row(lines, "refused by Catena (api)").split()[-1] == "1"  # public-loads
-    assert row(lines, "expired").split()[-1] == "2"
+    # Expired rows are dead letters too, as in the dead-letter file and the ledger report.
+    assert row(lines, "dead-lettered").split()[-1] == "10"
+    assert row(lines, "dead-lettered, invalid record (validation)").split()[-1] == "7"
+    assert row(lines, "dead-lettered, send outcome unknown (ambiguous)").split()[-1] == "1"
+    assert row(lines, "dead-lettered, refused by Catena (api)").split()[-1] == "1"  # public-loads
+    assert row(lines, "dead-lettered, too old, never sent (expired)").split()[-1] == "2"
     assert row(lines, "dead-lettered in an earlier run").split()[-1] == "1"
     assert row(lines, "accepted", 2).split()[-1] == "292"  # all streams
     assert "12  to output/dead-letters.jsonl" in row(lines, "dead letters written")
@@ -241,8 +246,14 @@ def test_summary_json_round_trip() -> None:
     assert summary["streams"][STREAM] == {
         "accepted": 291,
         "duplicates": 4,
-        "dead_lettered": 8,
-        "dead_lettered_by_stage": {"validation": 7, "api": 0, "ambiguous": 1, "confirmation": 0},
+        "dead_lettered": 10,
+        "dead_lettered_by_stage": {
+            "validation": 7,
+            "api": 0,
+            "ambiguous": 1,
+            "confirmation": 0,
+            "expired": 2,
+        },
         "expired": 2,
         "previously_dead_lettered": 1,
         "would_send": 0,
@@ -263,3 +274,135 @@ def test_summary_json_round_trip() -> None:
         "custom_b",
     ]
     assert summary["http"]["throttle_wait_seconds"] == 7.5
+
+
+def test_every_summary_line_reads_without_its_indentation() -> None:
+    # Meltano strips leading blanks: a stage row must still say what it counts.
+    lines, _ = summary_of(filled_report())
+    stripped = [line.strip() for line in lines]
+    assert f"stream {STREAM}:" in stripped
+    assert "all streams:" in stripped
+    stage_rows = [line for line in stripped if "(validation)" in line or "(expired)" in line]
+    assert stage_rows
+    assert all(line.startswith("dead-lettered, ") for line in stage_rows)
+
+
+def test_counts_read_in_the_singular_for_one() -> None:
+    report = RunReport("r")
+    report.count(STREAM, "accepted")
+    lines, _ = report.summary(
+        dead_letter_path="d",
+        dead_letters_written=0,
+        ledger_location="l",
+        http={},
+        exit_code=0,
+        elapsed=0.5,
+    )
+    assert ": 1 record in 0.5 s" in lines[0]
+    assert plural(1, "key") == "1 key"
+    assert plural(0, "key") == "0 keys"
+    assert plural(1234, "record") == "1,234 records"
+
+
+def test_confirmation_dead_letters_are_in_the_totals() -> None:
+    # 21 dead letters counted while reading, 39 failed at Catena after it had accepted them:
+    # the summary must say 60, as many as the dead-letter file got.
+    report = RunReport("r")
+    for _ in range(60):
+        report.count(STREAM, "accepted")
+    for _ in range(20):
+        report.count(STREAM, "dead_lettered", "validation")
+    report.count(STREAM, "expired")
+    confirmation = {
+        "confirmed": 21,
+        "failed": 39,
+        "pending": 0,
+        "streams": {STREAM: {"confirmed": 21, "failed": 39, "pending": 0}},
+    }
+    lines, data = report.summary(
+        dead_letter_path="d",
+        dead_letters_written=60,
+        ledger_location="l",
+        http={},
+        exit_code=2,
+        elapsed=1.0,
+        confirmation=confirmation,
+    )
+    for figures in (data["totals"], data["streams"][STREAM]):
+        assert figures["dead_lettered"] == 60 == data["dead_letters"]["written"]
+        assert figures["dead_lettered_by_stage"]["confirmation"] == 39
+        assert figures["dead_lettered_by_stage"]["expired"] == figures["expired"] == 1
+    assert data["records"] == 81  # a record failed at Catena is still one record
+    assert data["confirmation"] == confirmation
+    assert row(lines, "dead-lettered, failed at Catena after queueing").split()[-1] == "39"
+
+
+def test_emit_summary_logs_each_line_with_the_figures_then_writes_the_json_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    written: list[str] = []
+    log = logging.getLogger("test.summary")
+    confirmation = {
+        "confirmed": 1,
+        "failed": 1,
+        "pending": 0,
+        "streams": {STREAM: {"confirmed": 1, "failed": 1, "pending": 0}},
+    }
+    with caplog.at_level(logging.INFO, logger="test.summary"):
+        data = emit_summary(
+            filled_report(),
+            log=log,
+            write_line=written.append,
+            dead_letter_path="output/dead-letters.jsonl",
+            dead_letters_written=13,
+            ledger_location="l",
+            http=HTTP,
+            exit_code=2,
+            elapsed=23.456,
+            confirmation=confirmation,
+        )
+    assert written == [json.dumps({"summary": data}, separators=(",", ":"))]
+    records = [r for r in caplog.records if r.name == "test.summary"]
+    assert records[0].getMessage().startswith("Catena delivery summary, run run-42")
+    assert {r.levelno for r in records} == {logging.WARNING}  # exit code 2: worth a look
+    first = records[0].__dict__
+    assert first["catena_summary"] == data
+    assert (first["accepted"], first["dead_lettered"], first["dead_letters_written"]) == (
+        292,
+        13,
+        13,
+    )
+    assert first["exit_code"] == 2
+    texts = [r.getMessage() for r in records]
+    assert "confirmation: failed at Catena (dead-lettered)" in texts[-2]
+    assert all("\n" not in text for text in texts)
+
+
+CONN_OK = "11111111-1111-4111-8111-111111111111"
+CONN_FAILING = "22222222-2222-4222-8222-222222222222"
+
+
+def test_a_real_run_counts_confirmation_failures_as_dead_letters(
+    tmp_path: Path, sandbox_factory: Any
+) -> None:
+    box = sandbox_factory(
+        {"operations": {"complete_after_seconds": 0, "fail": {"connection_id": CONN_FAILING}}}
+    )
+    records = [
+        {"id": i, "connection_id": conn, "source_recipient_ids": [f"d{i}"], "message_text": "Go"}
+        for i, conn in enumerate([CONN_OK, CONN_OK, CONN_FAILING, CONN_FAILING], 1)
+    ]
+    records.append({"id": 5, "connection_id": CONN_OK, "message_text": " "})  # invalid
+    result = run_target(
+        tmp_path,
+        sandbox_config(box.url, confirm_operations=True, confirm_timeout_seconds=60),
+        singer_lines(STREAM, records),
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.summary is not None
+    assert len(result.dead_letters) == 3
+    for figures in (result.summary["totals"], result.summary["streams"][STREAM]):
+        assert figures["dead_lettered"] == 3 == result.summary["dead_letters"]["written"]
+        assert figures["dead_lettered_by_stage"]["confirmation"] == 2
+        assert figures["dead_lettered_by_stage"]["validation"] == 1
+    assert result.summary["confirmation"]["failed"] == 2

@@ -8,8 +8,10 @@ handler by ``FaultPipeline``.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +98,10 @@ class CatenaApi(FaultPipeline):
         ctx = self.decide("token")
 
         async def process(ctx: Context) -> web.Response:
-            form = await request.post()
+            try:
+                form = await request.post()
+            except ValueError:  # e.g. multipart without a boundary: Keycloak reads no form
+                return r.oauth_error(400, "invalid_request", "Missing form parameter: grant_type")
             error = self._token_form_error(form, ctx.rt.config)
             if error is not None:
                 return error
@@ -121,7 +126,10 @@ class CatenaApi(FaultPipeline):
         ctx = self.decide("revoke")
 
         async def process(ctx: Context) -> web.Response:
-            form = await request.post()
+            try:
+                form = await request.post()
+            except ValueError:
+                return r.oauth_error(400, "invalid_request", "Missing form parameter: token")
             client_id, secret = str(form.get("client_id", "")), str(form.get("client_secret", ""))
             if not self._client_ok(ctx.rt.config, client_id, secret):
                 return r.oauth_error(
@@ -323,26 +331,32 @@ class CatenaApi(FaultPipeline):
             source_ids = q.many(query, "source_ids", details)
             user_ids = q.many(query, "user_ids", details, uuids=True)
             fleet_refs = q.many(query, "fleet_refs", details)
+            fleet_ids = q.many(query, "fleet_ids", details, uuids=True)
             conn_filter = q.one_uuid(query, "connection_id", details)
             is_driver = q.bool_param(query, "is_driver", details)
+            with_source = q.bool_param(query, "include_source_data", details)
+            order = q.sort_order(query, details)
             size = q.page_size(query, details)
             if details:
                 return r.unprocessable(details)
-            users = [
-                (index, user)
-                for index, user in enumerate(ctx.rt.config.users)
-                if (source_ids is None or user.source_id in source_ids)
-                and (user_ids is None or user.id in user_ids)
-                and (fleet_refs is None or user.fleet_ref in fleet_refs)
-                and (conn_filter is None or user.connection_id == conn_filter)
-                and (is_driver is None or user.is_driver == is_driver)
-            ]
+            source_name = ctx.rt.config.source_name
             items = [
-                {**user.__dict__, "created_at": _SEEDED_AT, "updated_at": _SEEDED_AT}
-                for _, user in users
+                read
+                for read in (_user_read(user, source_name) for user in ctx.rt.config.users)
+                if (source_ids is None or read["source_id"] in source_ids)
+                and (user_ids is None or read["id"] in user_ids)
+                and (fleet_refs is None or read["fleet_ref"] in fleet_refs)
+                and (fleet_ids is None or read["fleet_id"] in fleet_ids)
+                and (conn_filter is None or read["connection_id"] == conn_filter)
+                and (is_driver is None or read["is_driver"] == is_driver)
             ]
+            if order == "desc":
+                items.reverse()
+            if not with_source:
+                for read in items:
+                    del read["source_data"]
             try:
-                page = paginate(items, [index for index, _ in users], query.get("cursor"), size)
+                page = paginate(items, range(len(items)), query.get("cursor"), size)
             except CursorError:
                 bad = query.get("cursor", "")
                 return r.unprocessable(
@@ -355,6 +369,27 @@ class CatenaApi(FaultPipeline):
 
 
 _SEEDED_AT = "2025-01-01T00:00:00Z"  # seeded users carry a fixed creation time
+_FLEET_NAMESPACE = uuid.UUID("6f1c2a4e-8b3d-4e5f-9a7b-0c1d2e3f4a5b")
+
+
+def _user_read(user: User, source_name: str) -> dict[str, Any]:
+    """A seeded user as Catena's UserRead, with every field the OpenAPI spec requires.
+
+    The seed has no fleet ids or provider data, so both are derived from it: a fleet id stable
+    per (connection, fleet_ref), the seed itself as ``source_data`` and its SHA-256 as
+    ``source_data_hash``, as Catena hashes what the provider sent.
+    """
+    source_data = dict(user.__dict__)
+    fleet = f"{user.connection_id}/{user.fleet_ref or ''}"
+    return {
+        **source_data,
+        "fleet_id": str(uuid.uuid5(_FLEET_NAMESPACE, fleet)),
+        "source_name": source_name,
+        "source_data": source_data,
+        "source_data_hash": hashlib.sha256(jsonutil.canonical(source_data)).hexdigest(),
+        "created_at": _SEEDED_AT,
+        "updated_at": _SEEDED_AT,
+    }
 
 
 def _normalise(body: dict[str, Any], schema: str, users: dict[str, User]) -> dict[str, Any]:

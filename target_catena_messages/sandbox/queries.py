@@ -70,6 +70,15 @@ def bool_param(query: Any, name: str, details: Details) -> bool | None:
     return value.lower() == "true"
 
 
+def sort_order(query: Any, details: Details) -> str:
+    """``sort_order``: ``asc`` (the default) or ``desc``, as Catena's SortOrderEnum."""
+    value: str = query.get("sort_order", "asc")
+    if value not in ("asc", "desc"):
+        details.append(detail("query.sort_order", value, "Input should be 'asc' or 'desc'", "enum"))
+        return "asc"
+    return value
+
+
 def page_size(query: Any, details: Details) -> int:
     """``size``: 1..1000, default 300."""
     text: str = query.get("size", "300")
@@ -102,12 +111,17 @@ def _datetime(query: Any, name: str, default: datetime, details: Details) -> dat
         return default
     try:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        # In UTC, so that window arithmetic cannot leave datetime's range later on.
+        return (
+            value.astimezone(timezone.utc)
+            if value.tzinfo is not None
+            else value.replace(tzinfo=timezone.utc)
+        )
+    except (ValueError, OverflowError):
         details.append(
             detail(f"query.{name}", text, "Input should be a valid datetime", "datetime_parsing")
         )
         return default
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -127,7 +141,10 @@ class OperationFilters:
 def operation_filters(query: Any, now: datetime, details: Details) -> OperationFilters:
     """Parse every LIST resource-operations filter (window defaults: the last day)."""
     end = _datetime(query, "to_datetime", now, details)
-    start = _datetime(query, "from_datetime", end - timedelta(days=1), details)
+    # A day before the earliest datetime does not exist: the window then starts at the minimum.
+    earliest = datetime.min.replace(tzinfo=timezone.utc)
+    day_before = end - timedelta(days=1) if end - earliest > timedelta(days=1) else earliest
+    start = _datetime(query, "from_datetime", day_before, details)
     if end - start > MAX_WINDOW:
         details.append(
             detail(

@@ -1,4 +1,4 @@
-"""Error and fault answers in Catena's exact shapes (catena-api.md §1 and §2c).
+"""Error and fault answers in Catena's exact shapes (OAuth errors, 401/403/422/429/5xx envelopes).
 
 API errors use the common envelope ``{"code", "message", "detail"}``; 500 is only
 ``{"message": "Internal Server Error"}``; 422 carries a list of ValidationErrorDetail; 429 carries

@@ -121,7 +121,7 @@ class Operation:
         self.logs.append(log)
 
     def as_resource_operation(self, clock: Clock) -> dict[str, Any]:
-        """The telematics ``ResourceOperation`` shape (§3a), as POST /messages answers it."""
+        """The telematics ``ResourceOperation`` shape, as POST /messages answers it."""
         logs = [
             {
                 **_log_base(log, self.id, clock),
@@ -147,7 +147,7 @@ class Operation:
         }
 
     def as_read(self, clock: Clock) -> dict[str, Any]:
-        """The integrations ``ResourceOperationRead`` shape (§3b), as GET/LIST answer it."""
+        """The integrations ``ResourceOperationRead`` shape, as GET/LIST answer it."""
         return {
             "id": self.id,
             "created_at": clock.iso(self.created),

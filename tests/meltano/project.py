@@ -154,15 +154,32 @@ def make_project(root: Path, exe: Path, env: Mapping[str, str]) -> MeltanoProjec
 
 
 def summaries(output: str) -> list[dict[str, Any]]:
-    """The target's JSON summaries (``{"summary": ...}``) found in Meltano's log output."""
+    """The target's JSON summaries (``{"summary": ...}``) found in Meltano's log output.
+
+    In the text log format the line is there as written; with ``--log-format=json`` it is the
+    ``event`` string of one of Meltano's JSON events.
+    """
     decoder = json.JSONDecoder()
     found = []
     for line in output.splitlines():
-        at = line.find('{"summary":')
+        event = json_event(line)
+        text = event["event"] if event is not None and isinstance(event.get("event"), str) else line
+        at = text.find('{"summary":')
         if at >= 0:
-            value, _ = decoder.raw_decode(line[at:])
+            value, _ = decoder.raw_decode(text[at:])
             found.append(value["summary"])
     return found
+
+
+def json_event(line: str) -> dict[str, Any] | None:
+    """One event of Meltano's ``--log-format=json`` output, or None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and "event" in value else None
 
 
 def require_success(proc: subprocess.CompletedProcess[str], what: Sequence[str]) -> str:
