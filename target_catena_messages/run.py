@@ -135,6 +135,8 @@ class Run:
         self._last_renewal = time.monotonic()
         self._last_elsewhere_poll = 0.0
         self._outcomes: queue.SimpleQueue[Outcome | _WouldSend | None] = queue.SimpleQueue()
+        # Later copies of a key to decide afresh: the recorder puts, the reader admits them.
+        self._followups: queue.SimpleQueue[list[Message]] = queue.SimpleQueue()
         # One lock for the counter: prepare() adds under it, the recorder subtracts under it.
         self._resolved = threading.Condition(self._lock)
         self._unresolved = 0
@@ -154,6 +156,10 @@ class Run:
         if not settings.dry_run:
             self.delivery = self._make_delivery(redactor)
         self._recorder_error: BaseException | None = None
+        self._recorder_error_told = False  # the reader raised it: its line is written
+        # False once a failure may have left the checkpointer or stdout half-updated: no more
+        # STATE. A failing ledger or dead-letter write leaves it true (see docs/design.md).
+        self._checkpoint_trusted = True
         self._recorder = threading.Thread(target=self._record_loop, name="recorder", daemon=True)
         self._recorder.start()
 
@@ -255,12 +261,39 @@ class Run:
         self._raise_if_failed()
         self.critical = True
         try:
+            self._admit_followups()
             self._dispatch(messages)
         finally:
             self.critical = False
         if self.stop_requested:
             raise Interrupted("interrupted by a signal")
         self._wait_for_room()
+
+    def _admit_followups(self) -> None:
+        """Decide afresh the later copies the recorder handed back (reader thread only).
+
+        The recorder never claims or submits: a decision made here may be fatal (e.g.
+        ``on_invalid_record: fail``), and that must end the run on the reader's fatal path,
+        which writes the newest safe STATE.
+        """
+        while True:
+            try:
+                followups = self._followups.get_nowait()
+            except queue.Empty:
+                return
+            self._dispatch(followups)
+
+    def _admit_followups_critical(self) -> None:
+        """``_admit_followups`` outside ``dispatch``: a signal must not cut a claim in two."""
+        if self._followups.empty():
+            return
+        self.critical = True
+        try:
+            self._admit_followups()
+        finally:
+            self.critical = False
+        if self.stop_requested:
+            raise Interrupted("interrupted by a signal")
 
     def _dispatch(self, messages: Sequence[Message]) -> None:
         if self._resolve_ids:
@@ -411,6 +444,7 @@ class Run:
                     return
                 self._resolved.wait(0.5)
             self._raise_if_failed()
+            self._admit_followups_critical()
             self._poll_elsewhere()
 
     def _poll_elsewhere(self) -> None:
@@ -436,6 +470,7 @@ class Run:
 
     def _raise_if_failed(self) -> None:
         if self._recorder_error is not None:
+            self._recorder_error_told = True
             raise FatalError(f"recording outcomes failed: {self._recorder_error}")
         if self.delivery is not None and self.delivery.fatal is not None:
             fatal = self.delivery.fatal
@@ -452,7 +487,8 @@ class Run:
                     self._commit(batch, would_send)
                 self._after_commit(batch)
             except BaseException as exc:
-                logger.exception("recording outcomes failed")
+                # One line comes from the reader's fatal path (or _close); details at debug.
+                logger.debug("recording outcomes failed", exc_info=True)
                 self._recorder_error = exc
                 if self.delivery is not None:
                     self.delivery.stop()
@@ -553,14 +589,12 @@ class Run:
             if released:
                 self.ledger.release(released)
         self.dead_letters.flush()
-        followups = self._settle_all(batch, would_send)
-        if followups:
-            # Later copies of a key whose first copy was dead-lettered (or, in a dry run, would
-            # be sent): decide them afresh.
-            self._dispatch(followups)
+        self._checkpoint_trusted = False  # a failure while settling leaves it half-updated
+        self._settle_all(batch, would_send)
+        self._checkpoint_trusted = True
 
-    def _settle_all(self, batch: list[Outcome], would_send: Sequence[Message]) -> list[Message]:
-        """Settle a committed batch, wake the backpressure wait; return the copies to redo."""
+    def _settle_all(self, batch: list[Outcome], would_send: Sequence[Message]) -> None:
+        """Settle a committed batch, hand the copies to redo to the reader, wake it."""
         followups: list[Message] = []
         with self._lock:
             settle = self._settle
@@ -570,13 +604,16 @@ class Run:
                     followups.extend(later)
             if would_send:
                 followups.extend(self._settle_would_send(would_send))
+        if followups:
+            # Later copies of a key whose first copy was dead-lettered (or, in a dry run, would
+            # be sent): the reader decides them afresh.
+            self._followups.put(followups)
         if batch or would_send:
             with self._resolved:
                 self._unresolved -= len(would_send) + sum(
                     1 for o in batch if o.resolution is not _ABANDONED
                 )
                 self._resolved.notify_all()
-        return followups
 
     def _settle(self, o: Outcome) -> list[Message]:
         """Resolve in the checkpointer and report; return later copies of the key to redo."""
@@ -651,7 +688,9 @@ class Run:
                     http=self.http_counters(),
                 )
         if line is not None:
+            self._checkpoint_trusted = False  # a line cut short must not be followed by another
             self._emit(line)
+            self._checkpoint_trusted = True
             self._last_state_at = now
         if progress:
             logger.info("%s", progress)
@@ -673,6 +712,7 @@ class Run:
     def finish(self) -> int:
         """End of input: wait for every outcome, write the last STATE and the summary."""
         while True:
+            self._admit_followups_critical()
             self._poll_elsewhere()
             with self._resolved:
                 if self._unresolved == 0 and not self._elsewhere:
@@ -724,7 +764,9 @@ class Run:
         self._recorder.join()
         if self.delivery is not None:
             self.delivery.close()
-        if not self.settings.dry_run and self._recorder_error is None:
+        if self._recorder_error is not None and not self._recorder_error_told:
+            logger.error("fatal: recording outcomes failed: %s", self._recorder_error)
+        if not self.settings.dry_run and self._checkpoint_trusted:
             with self._lock:
                 line = self.checkpointer.take_line() if self.checkpointer.pending_news() else None
             if line is not None:
