@@ -11,8 +11,8 @@ from typing import Any
 
 from target_catena_messages import jsonutil
 from target_catena_messages.message import record_key
+from target_catena_messages.pipeline.run import Run
 from target_catena_messages.redact import Redactor
-from target_catena_messages.run import Run
 from target_catena_messages.settings import Settings
 from tests.harness import TargetResult, run_target, sandbox_config, singer_lines, state_line
 
