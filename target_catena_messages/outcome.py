@@ -32,7 +32,20 @@ class Resolution(str, Enum):
 
 @dataclass(slots=True, eq=False)
 class Message:
-    """One record on its way to Catena."""
+    """One record on its way to Catena.
+
+    Mutable, but never written by two threads at once; each field has one writer at a time, in
+    this order, and each hand-over is a queue or lock (a happens-before edge):
+
+    1. *prepare* (reader thread) sets every field up to ``unresolved``.
+    2. *admission* (reader thread, before the message is submitted): a ``catena_ids`` body gets
+       its user ids (``body``, ``errors``, ``expired``, ``fingerprint``, ``lane``,
+       ``unresolved``, ``lookup_failed``); a recovered claim sets ``recover``,
+       ``prior_claimed_at`` and ``maybe_sent``. Nothing of these changes after submit.
+    3. *delivery* (one worker at a time: a lane sends its head only) writes the attempt fields
+       ``attempts``, ``first_sent_at``, ``last_sent_at``, ``maybe_sent`` until the Outcome.
+    4. *the recorder* only reads, after the Outcome came through its queue.
+    """
 
     seq: int
     stream: str
@@ -44,7 +57,7 @@ class Message:
     lane: str
     errors: list[dict[str, Any]] = field(
         default_factory=list
-    )  # validation errors, contract §5 form
+    )  # validation errors ({field, message})
     expired: bool = False
     unresolved: Any = None  # resolve.Wanted: provider ids still to turn into Catena user ids
     lookup_failed: bool = False  # the users lookup failed: a retryable API failure, not bad data
@@ -53,7 +66,7 @@ class Message:
     attempts: int = 0  # POSTs made this run
     first_sent_at: datetime | None = None  # wall clock, for the operation lookup's window
     last_sent_at: datetime | None = None
-    maybe_sent: bool = False  # some request may have reached Catena
+    maybe_sent: bool = False  # some request may have reached Catena: the claim is never released
 
     @property
     def connection_id(self) -> str | None:
