@@ -4,7 +4,7 @@ A tap STATE promises the tap it may resume *after* every record read before it. 
 concurrently by several sinks, so they finish in any order; emitting the newest tap state as the
 SDK does would skip records still in flight if the process died. The checkpointer numbers records
 as they are read, ties each tap state to the highest number seen so far, and hands out the newest
-state whose records are all resolved (contract §6).
+state whose records are all resolved (docs/design.md, "STATE rules").
 
 Bookkeeping is a *watermark* (every record numbered at or below it is resolved) plus the set of
 resolved numbers above it, so each record costs amortised O(1) and memory is bounded by the window
@@ -60,7 +60,6 @@ class Checkpointer:
         self._waiting: deque[tuple[int, dict[str, Any]]] = deque()
         self._safe: dict[str, Any] | None = None
         self._safe_is_new = False
-        self._seen_tap_state = False
         self._operations: list[list[str]] = []
         self._dead_letters: list[list[str]] = []
         self._resolved_since_line = 0
@@ -77,7 +76,6 @@ class Checkpointer:
 
         The value is deep-copied: the caller (or the SDK) may reuse or mutate its dict later.
         """
-        self._seen_tap_state = True
         entry = (self._last_seq, copy.deepcopy(value))
         if self._last_seq <= self._watermark:
             self._make_safe(entry[1])
@@ -142,11 +140,6 @@ class Checkpointer:
     def unresolved(self) -> int:
         """Records numbered but not yet resolved."""
         return self._last_seq - self._watermark - len(self._resolved_ahead)
-
-    @property
-    def has_tap_state(self) -> bool:
-        """Whether the tap sent any STATE this run (without one, no line is ever written)."""
-        return self._seen_tap_state
 
     @property
     def totals(self) -> Totals:

@@ -1,4 +1,4 @@
-"""What the run tells a person: progress lines while it works and the summary at the end (§7).
+"""What the run tells a person: progress lines while it works and the summary at the end.
 
 Both go to stderr (stdout carries only STATE). The summary is written for whoever watches the
 dispatch pipeline: plain words, aligned numbers, where the dead letters and the ledger are. The
@@ -159,7 +159,7 @@ class RunReport:
         return total
 
     def has_failures(self) -> bool:
-        """Whether this run dead-lettered or expired any record (exit code 2, contract §7).
+        """Whether this run dead-lettered or expired any record (exit code 2).
 
         Records skipped because they were dead-lettered in an earlier run do not count: that
         failure was reported by the run that had it.
