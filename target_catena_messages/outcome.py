@@ -14,7 +14,12 @@ from typing import Any
 
 
 class Resolution(str, Enum):
-    """What happened to a record."""
+    """What happened to a record: the one outcome vocabulary of the run.
+
+    Delivery, admission, the recorder, the checkpointer and the report all use these members
+    directly. On per-record paths compare them by identity (``is``); the values are the words
+    STATE, the summary and the ledger report show.
+    """
 
     ACCEPTED = "accepted"  # queued at Catena; operation id known
     DUPLICATE = "duplicate"  # accepted earlier (this run or another); its operation id reported
@@ -28,6 +33,23 @@ class Resolution(str, Enum):
     def resolves(self) -> bool:
         """Whether a STATE may cover a record that ended this way."""
         return self is not Resolution.ABANDONED
+
+
+class Stage(str, Enum):
+    """Where a record was given up on: the ``stage`` of dead letters, STATE and the summary."""
+
+    VALIDATION = "validation"  # the body is not valid (or the record has no usable key or age)
+    API = "api"  # Catena refused it, or retries ran out
+    AMBIGUOUS = "ambiguous"  # the send may have reached Catena and no operation was found
+    CONFIRMATION = "confirmation"  # queued at Catena, then failed there (confirm_operations)
+    EXPIRED = "expired"  # older than max_message_age_hours: never sent
+
+    def __str__(self) -> str:
+        return self.value
+
+
+DEAD_LETTER_STAGES: tuple[Stage, ...] = tuple(s for s in Stage if s is not Stage.EXPIRED)
+"""Stages counted as dead-lettered in the summary (expired records are counted on their own)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -82,7 +104,7 @@ class Outcome:
     message: Message
     resolution: Resolution
     operation_id: str | None = None
-    stage: str | None = None  # dead letters: validation | api | ambiguous | confirmation | expired
+    stage: str | None = None  # a Stage (or its value) for dead letters and expired records
     errors: tuple[dict[str, Any], ...] = ()
     status: int | None = None
     api_error: Any = None

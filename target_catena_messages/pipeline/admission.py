@@ -26,7 +26,7 @@ from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.delivery import Delivery
 from target_catena_messages.errors import FatalError
 from target_catena_messages.ledger import ClaimRequest, ClaimResult, Decision, Ledger
-from target_catena_messages.outcome import Message, Outcome, Resolution
+from target_catena_messages.outcome import Message, Outcome, Resolution, Stage
 from target_catena_messages.pipeline.prepare import Preparer
 from target_catena_messages.pipeline.recorder import Key, QueueItem, WouldSend
 from target_catena_messages.resolve import UserResolver
@@ -176,7 +176,11 @@ class Admission:
         elif m.lookup_failed:
             self._resolve(
                 Outcome(
-                    m, Resolution.DEAD_LETTERED, stage="api", errors=tuple(m.errors), retryable=True
+                    m,
+                    Resolution.DEAD_LETTERED,
+                    stage=Stage.API,
+                    errors=tuple(m.errors),
+                    retryable=True,
                 )
             )
         elif m.errors:
@@ -187,7 +191,7 @@ class Admission:
                     + " (on_invalid_record: fail)"
                 )
             self._resolve(
-                Outcome(m, Resolution.DEAD_LETTERED, stage="validation", errors=tuple(m.errors))
+                Outcome(m, Resolution.DEAD_LETTERED, stage=Stage.VALIDATION, errors=tuple(m.errors))
             )
         else:
             hours = self._settings.max_message_age_hours
@@ -195,7 +199,7 @@ class Admission:
                 "field": self._settings.message_time_field,
                 "message": f"older than max_message_age_hours ({hours:g} h): never sent",
             }
-            self._resolve(Outcome(m, Resolution.EXPIRED, stage="expired", errors=(expired,)))
+            self._resolve(Outcome(m, Resolution.EXPIRED, stage=Stage.EXPIRED, errors=(expired,)))
 
     def _decide_sendable(self, m: Message, result: ClaimResult) -> bool:
         """Act on a claim decision; True: ``m`` is to be sent (the caller passes it to _send)."""

@@ -20,14 +20,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
-from target_catena_messages.checkpoint import Checkpointer
+from target_catena_messages.checkpoint import IN_STATE, Checkpointer
 from target_catena_messages.confirm import Pending
 from target_catena_messages.dead_letters import DeadLetterWriter
 from target_catena_messages.delivery import Delivery
 from target_catena_messages.ledger import Ledger, LedgerOutcome, retryable_fingerprint
-from target_catena_messages.outcome import Message, Outcome, Resolution
+from target_catena_messages.outcome import Message, Outcome, Resolution, Stage
 from target_catena_messages.pipeline.backlog import Backlog
 from target_catena_messages.report import RunReport
 from target_catena_messages.settings import Settings
@@ -204,7 +204,7 @@ class Recorder:
                 self._dead_letters.write(
                     stream=m.stream,
                     key=m.key,
-                    stage=o.stage or "api",
+                    stage=o.stage or Stage.API,
                     errors=list(o.errors),
                     status=o.status,
                     api_error=o.api_error,
@@ -225,7 +225,7 @@ class Recorder:
                         m.attempts,
                     )
                 )
-            status = _LEDGER_STATUS.get(resolution._value_)  # by value: an Enum hashes in Python
+            status = _LEDGER_STATUS.get(resolution._value_)  # the member's str: see the table
             if status is not None:
                 records.append(
                     LedgerOutcome(
@@ -280,14 +280,12 @@ class Recorder:
         resolution = o.resolution
         if resolution is _ABANDONED:  # not ``.resolves``: a property call per record
             return []
-        # ``_value_``, not ``.value``: the same str, without the descriptor, once per record.
-        self._report.count(m.stream, resolution._value_, o.stage)
+        self._report.count(m.stream, resolution, o.stage)
         if resolution in _RESOLVED_SILENTLY:
             self._checkpointer.resolve_silently(m.seq)
         else:
-            kind = _CHECKPOINT_KIND[resolution._value_]
             self._checkpointer.resolve(
-                m.seq, m.stream, m.key, kind, operation_id=o.operation_id, stage=o.stage
+                m.seq, m.stream, m.key, resolution, operation_id=o.operation_id, stage=o.stage
             )
         if later and resolution in (Resolution.ACCEPTED, Resolution.DUPLICATE):
             for copy in later:
@@ -344,25 +342,20 @@ class Recorder:
             self._write_state(line)
 
 
-# Keyed by ``Resolution`` value (a str hashes in C; the Enum member's hash is Python code).
-_LEDGER_STATUS: Mapping[str, Any] = {
+# The ledger's own status words for the outcomes it stores (an expired record is a dead letter
+# there, with stage ``expired``). Keyed by the member's value: a plain str key stays cheap to
+# hash whatever the Python version does for Enum members.
+_LEDGER_STATUS: Mapping[str, Literal["accepted", "dead_lettered"]] = {
     Resolution.ACCEPTED.value: "accepted",
     Resolution.DEAD_LETTERED.value: "dead_lettered",
     Resolution.EXPIRED.value: "dead_lettered",
 }
-_CHECKPOINT_KIND: Mapping[str, Any] = {
-    Resolution.ACCEPTED.value: "accepted",
-    Resolution.DUPLICATE.value: "duplicate",
-    Resolution.DEAD_LETTERED.value: "dead_lettered",
-    Resolution.EXPIRED.value: "expired",
-}
-# Per-outcome membership tests on the recorder's path; an Enum's ``__hash__`` is Python code,
-# so these are tuples (compared by identity first) rather than sets or dict keys.
+# Per-outcome membership tests on the recorder's path: tuples, compared by identity first.
 _NOTHING_TO_WRITE = (
     Resolution.WOULD_SEND,
     Resolution.DUPLICATE,
     Resolution.PREVIOUSLY_DEAD_LETTERED,
 )
-_RESOLVED_SILENTLY = tuple(r for r in Resolution if r.resolves and r.value not in _CHECKPOINT_KIND)
+_RESOLVED_SILENTLY = tuple(r for r in Resolution if r.resolves and r not in IN_STATE)
 _ABANDONED = Resolution.ABANDONED
-_WOULD_SEND: str = Resolution.WOULD_SEND.value
+_WOULD_SEND = Resolution.WOULD_SEND
