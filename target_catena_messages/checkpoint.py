@@ -4,7 +4,7 @@ A tap STATE promises the tap it may resume *after* every record read before it. 
 concurrently by several sinks, so they finish in any order; emitting the newest tap state as the
 SDK does would skip records still in flight if the process died. The checkpointer numbers records
 as they are read, ties each tap state to the highest number seen so far, and hands out the newest
-state whose records are all resolved (contract §6).
+state whose records are all resolved (docs/design.md, "STATE rules").
 
 Bookkeeping is a *watermark* (every record numbered at or below it is resolved) plus the set of
 resolved numbers above it, so each record costs amortised O(1) and memory is bounded by the window
@@ -18,15 +18,21 @@ import copy
 import logging
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
+
+from target_catena_messages.outcome import Resolution, Stage
 
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "target_catena_messages"
 """The one top-level key of the tap's state value that the target owns and always replaces."""
 
-Outcome = Literal["accepted", "duplicate", "dead_lettered", "expired"]
-_OUTCOMES: frozenset[str] = frozenset({"accepted", "duplicate", "dead_lettered", "expired"})
+_ACCEPTED = Resolution.ACCEPTED
+_DUPLICATE = Resolution.DUPLICATE
+_DEAD_LETTERED = Resolution.DEAD_LETTERED
+_EXPIRED = Resolution.EXPIRED
+IN_STATE: tuple[Resolution, ...] = (_ACCEPTED, _DUPLICATE, _DEAD_LETTERED, _EXPIRED)
+"""Outcomes STATE counts and lists; the others that resolve a record go to ``resolve_silently``."""
 
 
 @dataclass
@@ -60,7 +66,6 @@ class Checkpointer:
         self._waiting: deque[tuple[int, dict[str, Any]]] = deque()
         self._safe: dict[str, Any] | None = None
         self._safe_is_new = False
-        self._seen_tap_state = False
         self._operations: list[list[str]] = []
         self._dead_letters: list[list[str]] = []
         self._resolved_since_line = 0
@@ -77,7 +82,6 @@ class Checkpointer:
 
         The value is deep-copied: the caller (or the SDK) may reuse or mutate its dict later.
         """
-        self._seen_tap_state = True
         entry = (self._last_seq, copy.deepcopy(value))
         if self._last_seq <= self._watermark:
             self._make_safe(entry[1])
@@ -92,7 +96,7 @@ class Checkpointer:
         seq: int,
         stream: str,
         key: str,
-        outcome: Outcome,
+        outcome: Resolution,
         *,
         operation_id: str | None = None,
         stage: str | None = None,
@@ -104,12 +108,13 @@ class Checkpointer:
         expired). A duplicate whose earlier operation id is unknown is counted but not listed.
 
         Raises:
-            ValueError: ``seq`` was never numbered or is already resolved, the outcome is unknown,
-                an accepted record has no operation id, or a dead letter has no stage. Each means
-                a bug upstream that would otherwise corrupt the checkpoint silently.
+            ValueError: ``seq`` was never numbered or is already resolved, the outcome is not
+                one of :data:`IN_STATE`, an accepted record has no operation id, or a dead letter
+                has no stage. Each means a bug upstream that would otherwise corrupt the
+                checkpoint silently.
         """
         self._check_resolvable(seq)
-        if outcome == "accepted" and operation_id is not None:  # the usual case, inline
+        if outcome is _ACCEPTED and operation_id is not None:  # the usual case, inline
             entry: list[str] | None = [stream, key, operation_id]
             self._totals.accepted += 1
         else:
@@ -118,9 +123,8 @@ class Checkpointer:
         self._mark_resolved(seq)
         self._resolved_since_line += 1
         if entry is not None:
-            target = (
-                self._operations if outcome in ("accepted", "duplicate") else self._dead_letters
-            )
+            listed = outcome is _ACCEPTED or outcome is _DUPLICATE
+            target = self._operations if listed else self._dead_letters
             if len(target) < self._list_cap:
                 target.append(entry)
             else:
@@ -142,11 +146,6 @@ class Checkpointer:
     def unresolved(self) -> int:
         """Records numbered but not yet resolved."""
         return self._last_seq - self._watermark - len(self._resolved_ahead)
-
-    @property
-    def has_tap_state(self) -> bool:
-        """Whether the tap sent any STATE this run (without one, no line is ever written)."""
-        return self._seen_tap_state
 
     @property
     def totals(self) -> Totals:
@@ -213,29 +212,29 @@ class Checkpointer:
 
     @staticmethod
     def _entry_for(
-        stream: str, key: str, outcome: str, operation_id: str | None, stage: str | None
+        stream: str, key: str, outcome: Resolution, operation_id: str | None, stage: str | None
     ) -> list[str] | None:
         """Validate one outcome and build its list entry (None: counted but not listed)."""
-        if outcome not in _OUTCOMES:
+        if type(outcome) is not Resolution or outcome not in IN_STATE:
             raise ValueError(f"unknown outcome {outcome!r}")
-        if outcome == "accepted" and operation_id is None:
+        if outcome is _ACCEPTED and operation_id is None:
             raise ValueError("an accepted record needs its operation id")
-        if outcome in ("accepted", "duplicate"):
+        if outcome is _ACCEPTED or outcome is _DUPLICATE:
             return None if operation_id is None else [stream, key, operation_id]
-        if outcome == "expired":
-            if stage not in (None, "expired"):
+        if outcome is _EXPIRED:
+            if stage not in (None, Stage.EXPIRED):
                 raise ValueError(f"an expired record has stage 'expired', not {stage!r}")
-            return [stream, key, "expired"]
+            return [stream, key, Stage.EXPIRED.value]
         if not stage:
             raise ValueError("a dead-lettered record needs its stage")
-        return [stream, key, stage]
+        return [stream, key, str(stage)]
 
-    def _count(self, outcome: str) -> None:
-        if outcome == "accepted":
+    def _count(self, outcome: Resolution) -> None:
+        if outcome is _ACCEPTED:
             self._totals.accepted += 1
-        elif outcome == "duplicate":
+        elif outcome is _DUPLICATE:
             self._totals.duplicates += 1
-        elif outcome == "dead_lettered":
+        elif outcome is _DEAD_LETTERED:
             self._totals.dead_lettered += 1
         else:
             self._totals.expired += 1

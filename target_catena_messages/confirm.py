@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,7 +36,6 @@ __all__ = [
     "last_error",
     "ledger_updates",
     "summary_counts",
-    "summary_lines",
 ]
 
 logger = logging.getLogger(__name__)
@@ -298,25 +297,6 @@ def summary_counts(confirmations: Sequence[Confirmation]) -> dict[str, Any]:
         total[name] += 1
         streams.setdefault(c.pending.stream, dict.fromkeys(names.values(), 0))[name] += 1
     return {**total, "streams": streams}
-
-
-def summary_lines(counts: Mapping[str, Any], label: Callable[[str], str] = str) -> list[str]:
-    """Human lines for the run summary (stderr), from :func:`summary_counts`.
-
-    Args:
-        counts: The output of :func:`summary_counts`.
-        label: Formats the header (the summary may indent or style it).
-    """
-    rows = [
-        ("confirmed by Catena (success)", counts["confirmed"]),
-        ("failed at Catena (dead-lettered)", counts["failed"]),
-        ("still pending at the timeout", counts["pending"]),
-    ]
-    width = max(len(f"{n:,}") for _, n in rows)
-    return [
-        label("Confirmation (what became of the accepted messages)"),
-        *(f"    {text:<34}{n:>{width},}" for text, n in rows),
-    ]
 
 
 # -- confirming what a ledger holds (ledger report --refresh) -------------------------------------

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from target_catena_messages import jsonutil
+from target_catena_messages.outcome import Stage
 from target_catena_messages.settings import default_paths
 
 logger = logging.getLogger(__name__)
 
-STAGES: frozenset[str] = frozenset({"validation", "api", "ambiguous", "confirmation", "expired"})
-"""Where in the pipeline a record was given up on (the ``stage`` field)."""
+STAGES: frozenset[str] = frozenset(stage.value for stage in Stage)
+"""Where in the pipeline a record was given up on (the ``stage`` field): :class:`Stage`'s values."""
 
 _MASK = "***"
 _MIN_SECRET_LENGTH = 4

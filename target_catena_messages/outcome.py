@@ -14,7 +14,12 @@ from typing import Any
 
 
 class Resolution(str, Enum):
-    """What happened to a record."""
+    """What happened to a record: the one outcome vocabulary of the run.
+
+    Delivery, admission, the recorder, the checkpointer and the report all use these members
+    directly. On per-record paths compare them by identity (``is``); the values are the words
+    STATE, the summary and the ledger report show.
+    """
 
     ACCEPTED = "accepted"  # queued at Catena; operation id known
     DUPLICATE = "duplicate"  # accepted earlier (this run or another); its operation id reported
@@ -30,9 +35,39 @@ class Resolution(str, Enum):
         return self is not Resolution.ABANDONED
 
 
+class Stage(str, Enum):
+    """Where a record was given up on: the ``stage`` of dead letters, STATE and the summary."""
+
+    VALIDATION = "validation"  # the body is not valid (or the record has no usable key or age)
+    API = "api"  # Catena refused it, or retries ran out
+    AMBIGUOUS = "ambiguous"  # the send may have reached Catena and no operation was found
+    CONFIRMATION = "confirmation"  # queued at Catena, then failed there (confirm_operations)
+    EXPIRED = "expired"  # older than max_message_age_hours: never sent
+
+    def __str__(self) -> str:
+        return self.value
+
+
+DEAD_LETTER_STAGES: tuple[Stage, ...] = tuple(s for s in Stage if s is not Stage.EXPIRED)
+"""Stages counted as dead-lettered in the summary (expired records are counted on their own)."""
+
+
 @dataclass(slots=True, eq=False)
 class Message:
-    """One record on its way to Catena."""
+    """One record on its way to Catena.
+
+    Mutable, but never written by two threads at once; each field has one writer at a time, in
+    this order, and each hand-over is a queue or lock (a happens-before edge):
+
+    1. *prepare* (reader thread) sets every field up to ``unresolved``.
+    2. *admission* (reader thread, before the message is submitted): a ``catena_ids`` body gets
+       its user ids (``body``, ``errors``, ``expired``, ``fingerprint``, ``lane``,
+       ``unresolved``, ``lookup_failed``); a recovered claim sets ``recover``,
+       ``prior_claimed_at`` and ``maybe_sent``. Nothing of these changes after submit.
+    3. *delivery* (one worker at a time: a lane sends its head only) writes the attempt fields
+       ``attempts``, ``first_sent_at``, ``last_sent_at``, ``maybe_sent`` until the Outcome.
+    4. *the recorder* only reads, after the Outcome came through its queue.
+    """
 
     seq: int
     stream: str
@@ -44,7 +79,7 @@ class Message:
     lane: str
     errors: list[dict[str, Any]] = field(
         default_factory=list
-    )  # validation errors, contract §5 form
+    )  # validation errors ({field, message})
     expired: bool = False
     unresolved: Any = None  # resolve.Wanted: provider ids still to turn into Catena user ids
     lookup_failed: bool = False  # the users lookup failed: a retryable API failure, not bad data
@@ -53,7 +88,7 @@ class Message:
     attempts: int = 0  # POSTs made this run
     first_sent_at: datetime | None = None  # wall clock, for the operation lookup's window
     last_sent_at: datetime | None = None
-    maybe_sent: bool = False  # some request may have reached Catena
+    maybe_sent: bool = False  # some request may have reached Catena: the claim is never released
 
     @property
     def connection_id(self) -> str | None:
@@ -69,7 +104,7 @@ class Outcome:
     message: Message
     resolution: Resolution
     operation_id: str | None = None
-    stage: str | None = None  # dead letters: validation | api | ambiguous | confirmation | expired
+    stage: str | None = None  # a Stage (or its value) for dead letters and expired records
     errors: tuple[dict[str, Any], ...] = ()
     status: int | None = None
     api_error: Any = None

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from target_catena_messages import jsonutil
+from target_catena_messages.outcome import DEAD_LETTER_STAGES, Resolution, Stage
 
-DEAD_LETTER_STAGES = ("validation", "api", "ambiguous", "confirmation")
-"""Stages a record can be dead-lettered at (``expired`` is counted on its own)."""
-
-_OUTCOMES = frozenset(
-    {"accepted", "duplicate", "dead_lettered", "expired", "previously_dead_lettered", "would_send"}
-)
+_ACCEPTED = Resolution.ACCEPTED
+_DUPLICATE = Resolution.DUPLICATE
+_DEAD_LETTERED = Resolution.DEAD_LETTERED
+_EXPIRED = Resolution.EXPIRED
+_PREVIOUSLY_DEAD_LETTERED = Resolution.PREVIOUSLY_DEAD_LETTERED
+_WOULD_SEND = Resolution.WOULD_SEND
+_STAGE_NAMES: tuple[str, ...] = tuple(stage.value for stage in DEAD_LETTER_STAGES)
 
 # Known delivery counters, in the order people read them, with the words they are shown with.
 _HTTP_LABELS: dict[str, str] = {
@@ -39,11 +41,11 @@ _Row = tuple[str, str, str]
 """One summary line: label, number (right-aligned), note."""
 
 _STAGE_LABELS: dict[str, str] = {
-    "validation": "invalid record (validation)",
-    "api": "refused by Catena (api)",
-    "ambiguous": "send outcome unknown (ambiguous)",
-    "confirmation": "failed at Catena after queueing (confirmation)",
-    "expired": "too old, never sent (expired)",
+    Stage.VALIDATION.value: "invalid record (validation)",
+    Stage.API.value: "refused by Catena (api)",
+    Stage.AMBIGUOUS.value: "send outcome unknown (ambiguous)",
+    Stage.CONFIRMATION.value: "failed at Catena after queueing (confirmation)",
+    Stage.EXPIRED.value: "too old, never sent (expired)",
 }
 
 
@@ -54,7 +56,7 @@ class StreamCounts:
     accepted: int = 0
     duplicates: int = 0
     dead_lettered_by_stage: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(DEAD_LETTER_STAGES, 0)
+        default_factory=lambda: dict.fromkeys(_STAGE_NAMES, 0)
     )
     expired: int = 0
     previously_dead_lettered: int = 0
@@ -123,32 +125,33 @@ class RunReport:
         self._last_progress_at = clock()
         self._done_at_last_progress = 0
 
-    def count(self, stream: str, outcome: str, stage: str | None = None) -> None:
-        """Count one record's final outcome.
+    def count(self, stream: str, outcome: Resolution, stage: str | None = None) -> None:
+        """Count one record's final outcome (compared by identity: once per record).
 
         Raises:
-            ValueError: Unknown outcome, or a dead letter without a known stage: a miscount
-                would tell the ops person the wrong story, so it must fail the tests loudly.
+            ValueError: An outcome that does not resolve a record, or a dead letter without a
+                known stage: a miscount would tell the ops person the wrong story, so it must
+                fail the tests loudly.
         """
-        if outcome not in _OUTCOMES:
-            raise ValueError(f"unknown outcome {outcome!r}")
         counts = self._streams.get(stream)
         if counts is None:  # not setdefault: that builds a StreamCounts per record, ~0.6 us
             counts = self._streams[stream] = StreamCounts()
-        if outcome == "accepted":
+        if outcome is _ACCEPTED:
             counts.accepted += 1
-        elif outcome == "duplicate":
+        elif outcome is _DUPLICATE:
             counts.duplicates += 1
-        elif outcome == "expired":
-            counts.expired += 1
-        elif outcome == "previously_dead_lettered":
-            counts.previously_dead_lettered += 1
-        elif outcome == "would_send":
+        elif outcome is _WOULD_SEND:
             counts.would_send += 1
-        else:
-            if stage not in DEAD_LETTER_STAGES:
+        elif outcome is _EXPIRED:
+            counts.expired += 1
+        elif outcome is _PREVIOUSLY_DEAD_LETTERED:
+            counts.previously_dead_lettered += 1
+        elif outcome is _DEAD_LETTERED:
+            if stage not in _STAGE_NAMES:
                 raise ValueError(f"dead letters are counted by stage, not {stage!r}")
             counts.dead_lettered_by_stage[stage] += 1
+        else:
+            raise ValueError(f"unknown outcome {outcome!r}")
 
     @property
     def streams(self) -> dict[str, StreamCounts]:

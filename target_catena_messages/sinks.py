@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from target_catena_messages.outcome import Message
-    from target_catena_messages.run import Run
+    from target_catena_messages.pipeline.run import Run
     from target_catena_messages.target import TargetCatenaMessages
 
 DEFAULT_BATCH_ROWS = 1000
@@ -43,7 +43,7 @@ class MessagesSink(BatchSink):
         self.key_names: list[str] = list(self.key_properties or [])
 
     def setup(self) -> None:
-        """SCHEMA time: refuse a stream that cannot produce messages (contract §3)."""
+        """SCHEMA time: refuse a stream that cannot produce messages."""
         check_stream_schema(
             self.stream_name,
             self.schema.get("properties", {}),

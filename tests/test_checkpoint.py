@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from target_catena_messages.checkpoint import STATE_KEY, Checkpointer, Totals
+from target_catena_messages.outcome import Resolution
 
 
 def tap_state(n: int) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def read(cp: Checkpointer, count: int) -> list[int]:
 
 
 def accept(cp: Checkpointer, seq: int) -> None:
-    cp.resolve(seq, "s", f"k{seq}", "accepted", operation_id=f"op{seq}")
+    cp.resolve(seq, "s", f"k{seq}", Resolution.ACCEPTED, operation_id=f"op{seq}")
 
 
 def test_sequence_numbers_are_dense_from_one() -> None:
@@ -45,11 +46,9 @@ def test_no_line_before_first_tap_state() -> None:
     cp = Checkpointer("run")
     for seq in read(cp, 3):
         accept(cp, seq)
-    assert not cp.has_tap_state
     assert not cp.pending_news()
     assert cp.take_line() is None
     cp.add_tap_state(tap_state(1))
-    assert cp.has_tap_state
     line = cp.take_line()
     assert line is not None
     assert (
@@ -204,12 +203,12 @@ def test_outcomes_lists_and_totals() -> None:
     cp = Checkpointer("run")
     read(cp, 6)
     cp.add_tap_state(tap_state(6))
-    cp.resolve(1, "s", "a", "accepted", operation_id="op-a")
-    cp.resolve(2, "s", "b", "duplicate", operation_id="op-old")
-    cp.resolve(3, "s", "c", "dead_lettered", stage="validation")
-    cp.resolve(4, "t", "d", "expired")
-    cp.resolve(5, "t", "e", "dead_lettered", stage="ambiguous")
-    cp.resolve(6, "t", "f", "duplicate")  # earlier op id unknown: counted, not listed
+    cp.resolve(1, "s", "a", Resolution.ACCEPTED, operation_id="op-a")
+    cp.resolve(2, "s", "b", Resolution.DUPLICATE, operation_id="op-old")
+    cp.resolve(3, "s", "c", Resolution.DEAD_LETTERED, stage="validation")
+    cp.resolve(4, "t", "d", Resolution.EXPIRED)
+    cp.resolve(5, "t", "e", Resolution.DEAD_LETTERED, stage="ambiguous")
+    cp.resolve(6, "t", "f", Resolution.DUPLICATE)  # earlier op id unknown: counted, not listed
     line = cp.take_line()
     assert line is not None
     own = line[STATE_KEY]
@@ -230,7 +229,7 @@ def test_totals_cover_whole_run_while_lists_cover_since_last_line() -> None:
         accept(cp, seq)
     first = cp.take_line()
     seq = cp.next_seq()
-    cp.resolve(seq, "s", "x", "dead_lettered", stage="api")
+    cp.resolve(seq, "s", "x", Resolution.DEAD_LETTERED, stage="api")
     second = cp.take_line()
     assert first is not None
     assert second is not None
@@ -253,7 +252,7 @@ def test_lists_capped_at_1000_by_default() -> None:
         if seq % 2:
             accept(cp, seq)
         else:
-            cp.resolve(seq, "s", f"k{seq}", "dead_lettered", stage="api")
+            cp.resolve(seq, "s", f"k{seq}", Resolution.DEAD_LETTERED, stage="api")
     line = cp.take_line()
     assert line is not None
     assert len(line[STATE_KEY]["operations"]) == 1000
@@ -299,13 +298,13 @@ def test_bad_outcomes_are_loud_and_leave_the_record_unresolved() -> None:
     with pytest.raises(ValueError, match="unknown outcome"):
         cp.resolve(1, "s", "k", "sent")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="operation id"):
-        cp.resolve(1, "s", "k", "accepted")
+        cp.resolve(1, "s", "k", Resolution.ACCEPTED)
     with pytest.raises(ValueError, match="stage"):
-        cp.resolve(1, "s", "k", "dead_lettered")
+        cp.resolve(1, "s", "k", Resolution.DEAD_LETTERED)
     with pytest.raises(ValueError, match="expired"):
-        cp.resolve(1, "s", "k", "expired", stage="api")
+        cp.resolve(1, "s", "k", Resolution.EXPIRED, stage="api")
     assert cp.unresolved == 1
-    cp.resolve(1, "s", "k", "expired", stage="expired")
+    cp.resolve(1, "s", "k", Resolution.EXPIRED, stage="expired")
     assert cp.unresolved == 0
 
 
@@ -436,11 +435,11 @@ def test_emitted_state_only_covers_resolved_records(steps: list[Step], cap: int)
             if kind == 3:
                 cp.resolve_silently(arg)
             elif kind == 0:
-                cp.resolve(arg, "s", str(arg), "dead_lettered", stage="api")
+                cp.resolve(arg, "s", str(arg), Resolution.DEAD_LETTERED, stage="api")
             elif kind == 1:
-                cp.resolve(arg, "s", str(arg), "accepted", operation_id=f"op{arg}")
+                cp.resolve(arg, "s", str(arg), Resolution.ACCEPTED, operation_id=f"op{arg}")
             else:
-                cp.resolve(arg, "s", str(arg), "expired")
+                cp.resolve(arg, "s", str(arg), Resolution.EXPIRED)
             resolved.add(arg)
         else:
             safe = [

@@ -19,10 +19,10 @@ from target_catena_messages.confirm import (
     dead_letter_fields,
     ledger_updates,
     summary_counts,
-    summary_lines,
 )
 from target_catena_messages.dead_letters import DeadLetterWriter, read_dead_letters
 from target_catena_messages.ledger import ConfirmedStatus
+from target_catena_messages.report import confirmation_lines
 from tests.harness import run_target, sandbox_config, singer_lines
 
 CONN_A = "11111111-1111-4111-8111-111111111111"
@@ -333,9 +333,9 @@ def test_ledger_updates_and_summary_counts() -> None:
             "other": {"confirmed": 1, "failed": 0, "pending": 1},
         },
     }
-    lines = summary_lines(counts)
-    assert lines[1].split()[-1] == "1"
-    assert len({len(line) for line in lines[1:]}) == 1  # numbers line up
+    lines = confirmation_lines(counts)
+    assert [line.split()[-1] for line in lines] == ["1", "1", "1"]
+    assert len({len(line) for line in lines}) == 1  # numbers line up
 
 
 # -- the run, once the lead has integrated it --------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from target_catena_messages.outcome import Resolution
 from target_catena_messages.report import RunReport, emit_summary, plural
 from tests.harness import run_target, sandbox_config, singer_lines
 
@@ -36,18 +37,18 @@ class FakeClock:
 def filled_report(clock: FakeClock | None = None) -> RunReport:
     report = RunReport("run-42", clock=clock or FakeClock())
     for _ in range(291):
-        report.count(STREAM, "accepted")
+        report.count(STREAM, Resolution.ACCEPTED)
     for _ in range(4):
-        report.count(STREAM, "duplicate")
+        report.count(STREAM, Resolution.DUPLICATE)
     for _ in range(7):
-        report.count(STREAM, "dead_lettered", "validation")
-    report.count(STREAM, "dead_lettered", "ambiguous")
+        report.count(STREAM, Resolution.DEAD_LETTERED, "validation")
+    report.count(STREAM, Resolution.DEAD_LETTERED, "ambiguous")
     for _ in range(2):
-        report.count(STREAM, "expired")
-    report.count(STREAM, "previously_dead_lettered")
-    report.count("public-loads", "dead_lettered", "api")
-    report.count("public-loads", "dead_lettered", "confirmation")
-    report.count("public-loads", "accepted")
+        report.count(STREAM, Resolution.EXPIRED)
+    report.count(STREAM, Resolution.PREVIOUSLY_DEAD_LETTERED)
+    report.count("public-loads", Resolution.DEAD_LETTERED, "api")
+    report.count("public-loads", Resolution.DEAD_LETTERED, "confirmation")
+    report.count("public-loads", Resolution.ACCEPTED)
     return report
 
 
@@ -84,9 +85,9 @@ def test_bad_counts_are_loud() -> None:
     with pytest.raises(ValueError, match="outcome"):
         report.count(STREAM, "sent")
     with pytest.raises(ValueError, match="stage"):
-        report.count(STREAM, "dead_lettered")
+        report.count(STREAM, Resolution.DEAD_LETTERED)
     with pytest.raises(ValueError, match="stage"):
-        report.count(STREAM, "dead_lettered", "expired")
+        report.count(STREAM, Resolution.DEAD_LETTERED, "expired")
     assert report.totals().done == 0
 
 
@@ -94,7 +95,7 @@ def test_progress_cadence_with_fake_clock() -> None:
     clock = FakeClock()
     report = RunReport("run", clock=clock, progress_every=10.0)
     for _ in range(50):
-        report.count(STREAM, "accepted")
+        report.count(STREAM, Resolution.ACCEPTED)
     assert report.progress_line(in_flight=3, queued=10, http=HTTP) is None
     clock.now += 9.9
     assert report.progress_line(in_flight=3, queued=10, http=HTTP) is None
@@ -113,9 +114,9 @@ def test_progress_cadence_with_fake_clock() -> None:
     clock.now += 5
     assert report.progress_line(in_flight=0, queued=0, http={}) is None
     for _ in range(1950):
-        report.count(STREAM, "accepted")
-    report.count(STREAM, "dead_lettered", "api")
-    report.count(STREAM, "expired")
+        report.count(STREAM, Resolution.ACCEPTED)
+    report.count(STREAM, Resolution.DEAD_LETTERED, "api")
+    report.count(STREAM, Resolution.EXPIRED)
     clock.now += 5
     line = report.progress_line(in_flight=0, queued=0, http={})
     assert line is not None
@@ -184,7 +185,7 @@ def test_summary_human_lines() -> None:
 
 def test_single_stream_has_no_total_block_and_hides_empty_stages() -> None:
     report = RunReport("r")
-    report.count(STREAM, "accepted")
+    report.count(STREAM, Resolution.ACCEPTED)
     lines, data = report.summary(
         dead_letter_path="d.jsonl",
         dead_letters_written=0,
@@ -203,9 +204,9 @@ def test_single_stream_has_no_total_block_and_hides_empty_stages() -> None:
 
 def test_dry_run_counts_shown() -> None:
     report = RunReport("r")
-    report.count(STREAM, "would_send")
-    report.count(STREAM, "would_send")
-    report.count(STREAM, "dead_lettered", "validation")
+    report.count(STREAM, Resolution.WOULD_SEND)
+    report.count(STREAM, Resolution.WOULD_SEND)
+    report.count(STREAM, Resolution.DEAD_LETTERED, "validation")
     lines, data = report.summary(
         dead_letter_path="d.jsonl",
         dead_letters_written=1,
@@ -221,14 +222,14 @@ def test_dry_run_counts_shown() -> None:
 
 def test_has_failures_counts_this_run_only() -> None:
     report = RunReport("r")
-    report.count(STREAM, "accepted")
-    report.count(STREAM, "duplicate")
-    report.count(STREAM, "previously_dead_lettered")
+    report.count(STREAM, Resolution.ACCEPTED)
+    report.count(STREAM, Resolution.DUPLICATE)
+    report.count(STREAM, Resolution.PREVIOUSLY_DEAD_LETTERED)
     assert not report.has_failures()  # reported by the run that had it
-    report.count(STREAM, "expired")
+    report.count(STREAM, Resolution.EXPIRED)
     assert report.has_failures()
     other = RunReport("r")
-    other.count(STREAM, "dead_lettered", "confirmation")
+    other.count(STREAM, Resolution.DEAD_LETTERED, "confirmation")
     assert other.has_failures()
 
 
@@ -289,7 +290,7 @@ def test_every_summary_line_reads_without_its_indentation() -> None:
 
 def test_counts_read_in_the_singular_for_one() -> None:
     report = RunReport("r")
-    report.count(STREAM, "accepted")
+    report.count(STREAM, Resolution.ACCEPTED)
     lines, _ = report.summary(
         dead_letter_path="d",
         dead_letters_written=0,
@@ -309,10 +310,10 @@ def test_confirmation_dead_letters_are_in_the_totals() -> None:
     # the summary must say 60, as many as the dead-letter file got.
     report = RunReport("r")
     for _ in range(60):
-        report.count(STREAM, "accepted")
+        report.count(STREAM, Resolution.ACCEPTED)
     for _ in range(20):
-        report.count(STREAM, "dead_lettered", "validation")
-    report.count(STREAM, "expired")
+        report.count(STREAM, Resolution.DEAD_LETTERED, "validation")
+    report.count(STREAM, Resolution.EXPIRED)
     confirmation = {
         "confirmed": 21,
         "failed": 39,

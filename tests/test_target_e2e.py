@@ -11,10 +11,10 @@ from typing import Any
 
 from target_catena_messages import jsonutil
 from target_catena_messages.message import record_key
+from target_catena_messages.pipeline.run import Run
 from target_catena_messages.redact import Redactor
-from target_catena_messages.run import Run
 from target_catena_messages.settings import Settings
-from tests.harness import TargetResult, run_target, sandbox_config, singer_lines
+from tests.harness import TargetResult, run_target, sandbox_config, singer_lines, state_line
 
 CONN_A = "11111111-1111-4111-8111-111111111111"
 CONN_B = "22222222-2222-4222-8222-222222222222"
@@ -345,3 +345,55 @@ def test_fingerprint_and_key_keep_their_formulas_on_the_fast_path(tmp_path: Path
     assert run.finish() == 0
     summary = json.loads(lines[-1])["summary"]
     assert summary["totals"]["would_send"] == 3
+
+
+def test_fatal_invalid_copy_held_behind_a_rejected_key_still_writes_the_safe_state(
+    tmp_path: Path, sandbox_factory: Any
+) -> None:
+    # Catena refuses the first copy of key 1 (422); the second copy, held behind it, is blank.
+    # Deciding that copy afresh is fatal (on_invalid_record: fail): the run must still end
+    # with one clear line and the STATE after record 1 (resolved: dead-lettered at "api").
+    sandbox = sandbox_factory(
+        {"faults": {"seed": 1, "rules": [{"kind": "status", "status": 422, "match": {"to": 1}}]}}
+    )
+    lines = [
+        *singer_lines(STREAM, [message(1)], state_every=1),
+        singer_lines(STREAM, [message(1, message_text="")])[1],
+        state_line(STREAM, 2),
+    ]
+    result = run(tmp_path, sandbox, lines, on_invalid_record="fail", batch_size_rows=1)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "message_text" in result.stderr
+    assert "on_invalid_record: fail" in result.stderr
+    assert result.last_state is not None
+    assert result.last_state["bookmarks"] == {STREAM: {"replication_key_value": 1}}
+    assert result.last_state["target_catena_messages"]["totals"]["dead_lettered"] == 1
+    assert [(d["key"], d["stage"]) for d in result.dead_letters] == [("1", "api")]
+    assert sandbox.accepted_bodies() == []
+
+
+def test_a_failure_while_recording_is_one_line_and_ends_with_a_safe_state(
+    tmp_path: Path, sandbox: Any
+) -> None:
+    # The dead-letter file cannot be created (its folder is a file): the recorder fails at the
+    # first dead letter. The run stops with one line naming it, and STATE never covers it.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    records = [message(i) for i in range(1, 301)] + [message(301, priority="urgent")]
+    result = run(
+        tmp_path,
+        sandbox,
+        singer_lines(STREAM, records, state_every=10),
+        batch_size_rows=50,
+        dead_letter_path=str(blocker / "dead-letters.jsonl"),
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    fatal = [line for line in result.stderr.splitlines() if "recording outcomes failed" in line]
+    assert len(fatal) == 1, result.stderr
+    assert result.last_state is not None
+    position = result.last_state["bookmarks"][STREAM]["replication_key_value"]
+    assert 10 <= position <= 300
+    assert result.summary is not None
+    assert result.summary["exit_code"] == 1

@@ -1,0 +1,23 @@
+"""The run's core, split by thread and job: records in, outcomes made durable, safe STATE out.
+
+- :mod:`.prepare` — a record becomes a :class:`~target_catena_messages.outcome.Message`
+  (reader thread; pure but for numbering).
+- :mod:`.admission` — ledger decisions per batch, keys in flight, keys held by another process,
+  users resolution, handing claims to delivery (the admission thread only).
+- :mod:`.recorder` — group commit → dead letters flushed → checkpoint settled → STATE line
+  (the recorder thread; it never claims or submits).
+- :mod:`.run` — wires them; the end of a run (finish, abort, the summary).
+
+Threads: the *reader* (singer-sdk's main thread) prepares records and hands each batch to the
+*admission* thread, which claims and submits; delivery's worker threads send and report each
+Outcome into the recorder's queue; the *recorder* makes outcomes durable and hands the later
+copies of settled keys back to admission. No thread calls into another's loop: they hand
+values over through queues.
+
+Lock order: the run lock (an RLock shared by admission, the recorder and the backlog: it guards
+the checkpointer, the report, the keys in flight and the unresolved count) may be held while
+delivery's lock is taken (reading ``in_flight``), never the other way round; delivery reports
+outcomes through a queue and takes none of ours. The dead-letter writer's lock and the STATE
+write lock are taken without the run lock. The rules these modules keep are named in
+docs/design.md ("Exactly-once rules").
+"""

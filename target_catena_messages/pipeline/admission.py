@@ -1,0 +1,331 @@
+"""Admission: which messages of a batch are sent, decided with the ledger. Its own thread.
+
+For each batch: provider ids resolved to Catena user ids (body versions that need them), then
+one ledger transaction that claims (or, in a dry run, peeks at) every key, then the claimed
+messages go to delivery in input order. Every ledger claim and every submit to delivery happens
+on the *admission thread*, fed by one inbox: the reader puts each sink batch there, and the
+recorder puts the later copies of a key that must be decided afresh. Its own thread, because
+the reader may sit blocked on stdin while such copies wait: they would hold STATE back until
+the tap sent more (a tap that waits for STATE, or a quiet CDC stream, would never see it).
+
+Owned here: the inbox's consumer side, the keys held by another process (re-polled every
+couple of seconds whatever the input does) and the duplicates' change hints. Shared under the
+run lock with the recorder, which settles keys: the keys in flight (``pending``: key → later
+copies held behind them) and our live claims (``claimed``). A decision may be fatal
+(``on_invalid_record: fail``): the thread stops, keeps the error, and the reader raises it at
+its next look (:attr:`Admission.error`), which sends the run down its fatal path with the
+newest safe STATE. The rules kept here are in docs/design.md ("Exactly-once rules" 1, 4, 5, 6,
+7, 11).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from enum import Enum
+
+from target_catena_messages.catena.errors import CatenaApiError
+from target_catena_messages.delivery import Delivery
+from target_catena_messages.errors import FatalError
+from target_catena_messages.ledger import ClaimRequest, ClaimResult, Decision, Ledger
+from target_catena_messages.outcome import Message, Outcome, Resolution, Stage
+from target_catena_messages.pipeline.prepare import Preparer
+from target_catena_messages.pipeline.recorder import Key, QueueItem, WouldSend
+from target_catena_messages.report import plural
+from target_catena_messages.resolve import PLACEHOLDER_USER_ID, UserResolver
+from target_catena_messages.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_ELSEWHERE_POLL = 2.0  # seconds between looks at keys another process is sending
+
+
+class _Wake(Enum):
+    FOLLOWUPS = "followups"  # the recorder handed copies back (or a quiet moment passed)
+
+
+_FOLLOWUPS = _Wake.FOLLOWUPS
+Inbox = Sequence[Message] | _Wake | None
+"""A sink batch, a wake-up for handed-back copies, or None: no more input, stop when told."""
+
+
+class Admission:
+    """Ledger decisions per batch and the keys this run holds.
+
+    Args:
+        outcomes: The recorder's queue: decided-now messages end there as Outcomes.
+        delivery: Where claimed messages go (None: a dry run).
+        resolver: Looks up Catena user ids for catena_ids bodies (None: not needed or dry run).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        lock: threading.RLock,
+        ledger: Ledger,
+        preparer: Preparer,
+        outcomes: queue.SimpleQueue[QueueItem],
+        delivery: Delivery | None,
+        resolver: UserResolver | None,
+    ) -> None:
+        self._settings = settings
+        self._lock = lock
+        self._ledger = ledger
+        self._preparer = preparer
+        self._resolve: Callable[[QueueItem], None] = outcomes.put
+        self._delivery = delivery
+        self._resolver = resolver
+        self._version = settings.body_version
+        self._resolve_ids = self._version.resolves_user_ids
+        self.pending: dict[Key, list[Message]] = {}  # run lock: key in flight -> later copies
+        self.claimed: set[Key] = set()  # run lock: our live claims, their leases renewed
+        self._followups: queue.SimpleQueue[list[Message]] = queue.SimpleQueue()  # from recorder
+        self._inbox: queue.SimpleQueue[Inbox] = queue.SimpleQueue()
+        self._elsewhere: list[Message] = []
+        self._last_elsewhere_poll = 0.0
+        self._last_renewal = time.monotonic()  # recorder thread only
+        self._duplicates: list[Message] = []  # this batch's, for _hint_changed_duplicates
+        self._stopping = False  # set by stop(): take no more batches
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="admission", daemon=True)
+
+    def start(self) -> None:
+        """Start the admission thread."""
+        self._thread.start()
+
+    def submit(self, messages: Sequence[Message]) -> None:
+        """A sink batch (reader thread): admitted in the order batches are given."""
+        self._inbox.put(messages)
+
+    def hand_back(self, messages: list[Message]) -> None:
+        """Later copies of settled keys (recorder thread): decided afresh before the next batch."""
+        self._followups.put(messages)
+        self._inbox.put(_FOLLOWUPS)
+
+    def stop(self, *, admit_queued: bool) -> None:
+        """End the thread: after the batches already given (``admit_queued``), or at once.
+
+        At once means after the transaction in progress: batches not yet admitted stay
+        unclaimed, so nothing of theirs was sent and STATE never covers them.
+        """
+        if not admit_queued:
+            self._stopping = True
+        self._inbox.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self._inbox.get(timeout=_ELSEWHERE_POLL)
+                except queue.Empty:
+                    item = _FOLLOWUPS  # a quiet moment: still look at keys held elsewhere
+                if item is None:
+                    return
+                if self._stopping:
+                    continue
+                self._admit_followups()  # first: they were read before any queued batch
+                if item is not _FOLLOWUPS:
+                    self.admit(item)
+                self.poll_elsewhere()
+        except BaseException as exc:  # noqa: BLE001 - the reader raises it on its next look
+            self.error = exc
+
+    def admit(self, messages: Sequence[Message]) -> None:
+        """Decide each message with the ledger (one transaction), send the new ones."""
+        if self._resolve_ids:
+            self._resolve_users([m for m in messages if m.unresolved is not None])
+        invalid: list[Message] = []
+        sendable: list[Message] = []
+        with self._lock:
+            pending = self.pending
+            for m in messages:
+                key = (m.namespace, m.key)
+                waiting = pending.get(key)
+                if waiting is not None:  # an earlier copy of this key is still on its way
+                    waiting.append(m)
+                else:
+                    pending[key] = []
+                    (invalid if m.errors or m.expired else sendable).append(m)
+        for m, result in zip(invalid, self._ledger.peek(_claims(invalid)), strict=True):
+            self._decide_invalid(m, result)
+        claim = self._ledger.peek if self._settings.dry_run else self._ledger.claim
+        dry = self._delivery is None
+        would_send = WouldSend()
+        to_send: list[Message] = []
+        for m, result in zip(sendable, claim(_claims(sendable)), strict=True):
+            if result.decision is _SEND:  # the usual case, decided here without a call
+                (would_send if dry else to_send).append(m)
+            elif self._decide_sendable(m, result):
+                to_send.append(m)
+        if would_send:
+            self._resolve(would_send)
+        self._send(to_send)
+        if self._duplicates:
+            self._hint_changed_duplicates()
+
+    def _admit_followups(self) -> None:
+        """Decide afresh the later copies the recorder handed back, in the order it did."""
+        while True:
+            try:
+                followups = self._followups.get_nowait()
+            except queue.Empty:
+                return
+            self.admit(followups)
+
+    def poll_elsewhere(self) -> None:
+        """Ask the ledger again about keys another process was sending (it may have died)."""
+        now = time.monotonic()
+        if not self._elsewhere or now - self._last_elsewhere_poll < _ELSEWHERE_POLL:
+            return
+        self._last_elsewhere_poll = now
+        with self._lock:
+            waiting, self._elsewhere = self._elsewhere, []
+        if self._settings.dry_run:
+            results = self._ledger.peek(_claims(waiting))
+        else:
+            results = self._ledger.claim(_claims(waiting))
+        self._send(
+            [m for m, r in zip(waiting, results, strict=True) if self._decide_sendable(m, r)]
+        )
+
+    def renew_leases(self, now: float) -> None:
+        """Heartbeat (called by the recorder): claims waiting in a lane must not expire."""
+        if (
+            self._settings.dry_run
+            or now - self._last_renewal < self._ledger.lease.total_seconds() / 3
+        ):
+            return
+        self._last_renewal = now
+        with self._lock:
+            keys = list(self.claimed)
+        if keys:
+            self._ledger.renew_leases(keys)
+
+    def _resolve_users(self, messages: list[Message]) -> None:
+        """Turn provider ids into Catena user ids, batched per connection."""
+        by_connection: dict[str | None, list[Message]] = {}
+        for m in messages:
+            by_connection.setdefault(m.connection_id, []).append(m)
+        fields = self._version.user_ids
+        for connection_id, group in by_connection.items():
+            ids = {i for m in group for f in fields if (i := m.unresolved.source_id(f))}
+            if connection_id is None or self._resolver is None:
+                # No connection (a validation error follows anyway) or a dry run: no requests.
+                found: dict[str, str | None] = dict.fromkeys(ids, PLACEHOLDER_USER_ID)
+            else:
+                try:
+                    found = self._resolver.resolve(connection_id, ids)
+                except CatenaApiError as exc:
+                    for m in group:
+                        m.unresolved = None
+                        m.errors = [{"field": None, "message": f"users lookup failed: {exc}"}]
+                        m.lookup_failed = True
+                    continue
+            apply_users = self._preparer.apply_users
+            for m in group:
+                apply_users(m, found)
+
+    def _hint_changed_duplicates(self) -> None:
+        """Warn about duplicates whose body is not the one sent (an edited TMS row).
+
+        The ledger rightly keeps them from going out twice, but "duplicate" alone hides that
+        the driver has the old text. One ledger read per batch that has duplicates.
+        """
+        duplicates, self._duplicates = self._duplicates, []
+        rows = self._ledger.get_many([(m.namespace, m.key) for m in duplicates])
+        changed = [
+            m
+            for m in duplicates
+            if (row := rows.get((m.namespace, m.key))) is not None
+            and row.get("fingerprint") not in (None, m.fingerprint)
+        ]
+        if not changed:
+            return
+        keys = ", ".join(m.key for m in changed[:10]) + (", ..." if len(changed) > 10 else "")
+        logger.warning(
+            "%s in stream %s not sent again although the body changed since it was sent "
+            "(keys %s): the driver has the first version. To send a correction, give it a new "
+            "message (a new key) in the source; the ledger report shows the operation ids sent",
+            plural(len(changed), "duplicate"),
+            changed[0].stream,
+            keys,
+        )
+
+    def _decide_invalid(self, m: Message, result: ClaimResult) -> None:
+        if result.decision is Decision.DUPLICATE:
+            self._resolve(Outcome(m, Resolution.DUPLICATE, operation_id=result.operation_id))
+            self._duplicates.append(m)
+        elif result.decision is Decision.PREVIOUSLY_DEAD_LETTERED:
+            self._resolve(Outcome(m, Resolution.PREVIOUSLY_DEAD_LETTERED, stage=result.stage))
+        elif m.lookup_failed:
+            self._resolve(
+                Outcome(
+                    m,
+                    Resolution.DEAD_LETTERED,
+                    stage=Stage.API,
+                    errors=tuple(m.errors),
+                    retryable=True,
+                )
+            )
+        elif m.errors:
+            if self._settings.on_invalid_record == "fail":
+                raise FatalError(
+                    f"invalid record in stream {m.stream} (key {m.key}): "
+                    + "; ".join(f"{e['field']}: {e['message']}" for e in m.errors)
+                    + " (on_invalid_record: fail)"
+                )
+            self._resolve(
+                Outcome(m, Resolution.DEAD_LETTERED, stage=Stage.VALIDATION, errors=tuple(m.errors))
+            )
+        else:
+            hours = self._settings.max_message_age_hours
+            expired = {
+                "field": self._settings.message_time_field,
+                "message": f"older than max_message_age_hours ({hours:g} h): never sent",
+            }
+            self._resolve(Outcome(m, Resolution.EXPIRED, stage=Stage.EXPIRED, errors=(expired,)))
+
+    def _decide_sendable(self, m: Message, result: ClaimResult) -> bool:
+        """Act on a claim decision; True: ``m`` is to be sent (the caller passes it to _send)."""
+        decision = result.decision
+        if decision is Decision.DUPLICATE:
+            self._resolve(Outcome(m, Resolution.DUPLICATE, operation_id=result.operation_id))
+            self._duplicates.append(m)
+        elif decision is Decision.PREVIOUSLY_DEAD_LETTERED:
+            self._resolve(Outcome(m, Resolution.PREVIOUSLY_DEAD_LETTERED, stage=result.stage))
+        elif decision is Decision.IN_PROGRESS_ELSEWHERE:
+            with self._lock:
+                self._elsewhere.append(m)
+        elif self._delivery is None:  # dry run
+            self._resolve(Outcome(m, Resolution.WOULD_SEND))
+        else:
+            if decision is Decision.RECOVER:  # an earlier run may have sent it: never released
+                m.recover = True
+                m.maybe_sent = True
+                m.prior_claimed_at = result.prior_claimed_at
+            return True
+        return False
+
+    def _send(self, messages: list[Message]) -> None:
+        """Hand claimed messages to delivery in input order (lanes keep it), one lock hold each.
+
+        One lock round per batch rather than two per message: the reader would otherwise take
+        turns on delivery's lock with every sending thread (a thread switch each time).
+        """
+        if not messages or self._delivery is None:
+            return
+        with self._lock:
+            self.claimed.update([(m.namespace, m.key) for m in messages])
+        self._delivery.submit_many(messages)
+
+
+_SEND = Decision.SEND
+
+
+def _claims(messages: Sequence[Message]) -> list[ClaimRequest]:
+    return [ClaimRequest(m.namespace, m.key, m.fingerprint, m.connection_id) for m in messages]

@@ -1,0 +1,304 @@
+"""One run of the target: wires preparation, admission, delivery and the recorder; ends the run.
+
+The run owns what lives for the whole process and is shared by all sinks: the ledger, the dead
+letters, the checkpointer, the report, the delivery engine, and the run lock (see the package
+docstring for the threads and the lock order). Reader thread: :meth:`Run.prepare` per record,
+:meth:`Run.dispatch` per batch, then :meth:`Run.finish` or :meth:`Run.abort`. Either ending
+writes the newest safe STATE, then the summary (docs/design.md, "Durability order").
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from target_catena_messages.catena.auth import TokenProvider
+from target_catena_messages.catena.client import CatenaClient
+from target_catena_messages.checkpoint import Checkpointer
+from target_catena_messages.confirm import (
+    confirm_operations,
+    dead_letter_fields,
+    ledger_updates,
+    summary_counts,
+)
+from target_catena_messages.connect import client_from_settings
+from target_catena_messages.dead_letters import DeadLetterWriter
+from target_catena_messages.delivery import Delivery
+from target_catena_messages.errors import FatalError
+from target_catena_messages.ledger import Ledger, new_run_id
+from target_catena_messages.lookup import CatenaOperationLookup
+from target_catena_messages.outcome import Message
+from target_catena_messages.pipeline.admission import Admission
+from target_catena_messages.pipeline.backlog import Backlog
+from target_catena_messages.pipeline.prepare import Preparer
+from target_catena_messages.pipeline.recorder import QueueItem, Recorder
+from target_catena_messages.redact import Redactor
+from target_catena_messages.report import RunReport, emit_summary, plural
+from target_catena_messages.resolve import UserResolver
+from target_catena_messages.retry import RetryPolicy
+from target_catena_messages.settings import Settings
+from target_catena_messages.throttle import Throttle
+
+logger = logging.getLogger(__name__)
+
+
+class Interrupted(FatalError):
+    """SIGTERM or SIGINT: stop taking records, finish what is in flight, write the safe STATE."""
+
+
+class Run:
+    """Everything one target process shares across its sinks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        write_state: Callable[[dict[str, Any]], None],
+        redactor: Redactor,
+        stderr: Callable[[str], None] | None = None,
+        batch_size: int = 1000,
+    ) -> None:
+        self.settings = settings
+        self.run_id = new_run_id()
+        self._stderr = stderr or _write_stderr
+        self._started = time.monotonic()
+        self.ledger = Ledger.open(
+            settings.ledger_url, run_id=self.run_id, read_only=settings.dry_run
+        )
+        logger.info(
+            "Ledger %s holds %s (run %s)%s",
+            self.ledger.location,
+            plural(self.ledger.count(), "key"),
+            self.run_id,
+            " — dry run: read-only, nothing will be sent" if settings.dry_run else "",
+        )
+        self.dead_letters = DeadLetterWriter(
+            settings.dead_letter_path, self.run_id, secrets=redactor.secrets
+        )
+        self.checkpointer = Checkpointer(self.run_id)
+        self.report = RunReport(self.run_id)
+        self._lock = threading.RLock()  # the run lock: see the package docstring
+        self._backlog = Backlog(self._lock, 2 * batch_size)
+        outcomes: queue.SimpleQueue[QueueItem] = queue.SimpleQueue()
+        self.critical = False
+        self.stop_requested = False
+        self.tokens: TokenProvider | None = None
+        self._client: CatenaClient | None = None
+        self._stop: threading.Event | None = None
+        self._confirmation: dict[str, Any] | None = None
+        self._throttle: Throttle | None = None
+        self.delivery: Delivery | None = None
+        resolver: UserResolver | None = None
+        if not settings.dry_run:
+            self.delivery, resolver = self._make_delivery(redactor, outcomes.put)
+        preparer = Preparer(
+            settings,
+            lock=self._lock,
+            checkpointer=self.checkpointer,
+            backlog=self._backlog,
+            lanes=self.delivery is not None,
+        )
+        self.prepare = preparer.prepare
+        """Record → Message (the per-record path; see :meth:`Preparer.prepare`)."""
+        self._admission = Admission(
+            settings,
+            lock=self._lock,
+            ledger=self.ledger,
+            preparer=preparer,
+            outcomes=outcomes,
+            delivery=self.delivery,
+            resolver=resolver,
+        )
+        self._recorder = Recorder(
+            settings,
+            outcomes=outcomes,
+            lock=self._lock,
+            backlog=self._backlog,
+            ledger=self.ledger,
+            dead_letters=self.dead_letters,
+            checkpointer=self.checkpointer,
+            report=self.report,
+            pending=self._admission.pending,
+            claimed=self._admission.claimed,
+            hand_back=self._admission.hand_back,
+            renew_leases=self._admission.renew_leases,
+            write_state=write_state,
+            delivery=self.delivery,
+            http_counters=self.http_counters,
+        )
+        self._recorder_error_told = False  # the reader raised it: its line is written
+        self._recorder.start()
+        self._admission.start()
+
+    def _make_delivery(
+        self, redactor: Redactor, on_outcome: Callable[[QueueItem], None]
+    ) -> tuple[Delivery, UserResolver | None]:
+        s = self.settings
+        client, tokens = client_from_settings(s, redactor)
+        self.tokens = tokens.inner
+        # One throttle for every request to Catena: a 429 pauses sends and reads alike.
+        self._throttle = throttle = Throttle(max_rate=s.max_requests_per_second)
+        resolver = (
+            UserResolver(client, throttle=throttle) if s.body_version.resolves_user_ids else None
+        )
+        stop = threading.Event()
+        self._client, self._stop = client, stop
+        lookup = CatenaOperationLookup(
+            client,
+            self.ledger,
+            lag_seconds=s.operation_lookup_lag_seconds,
+            stop=stop,
+            throttle=throttle,
+        )
+        delivery = Delivery(
+            client,
+            lookup=lookup,
+            stop=stop,
+            on_outcome=on_outcome,
+            policy=RetryPolicy(
+                max_retries=s.max_retries,
+                max_retry_seconds=s.max_retry_seconds,
+                max_ambiguous_resends=s.max_ambiguous_resends,
+            ),
+            throttle=throttle,
+            max_concurrency=s.max_concurrency,
+            max_consecutive_rejections=s.max_consecutive_rejections,
+            is_sync=s.is_sync,
+        )
+        return delivery, resolver
+
+    # -- reader thread -----------------------------------------------------------------------
+
+    def dispatch(self, messages: Sequence[Message]) -> None:
+        """One sink batch: to admission (its thread claims and sends), then wait for room."""
+        self._raise_if_failed()
+        self._admission.submit(messages)
+        if self.stop_requested:
+            raise Interrupted("interrupted by a signal")
+        self._wait_for_room()
+
+    def add_tap_state(self, value: dict[str, Any]) -> None:
+        """A tap STATE: tied to every record read before it."""
+        with self._lock:
+            self.checkpointer.add_tap_state(value)
+
+    def _wait_for_room(self) -> None:
+        """Backpressure: keep at most ~two batches of records in memory."""
+        while not self._backlog.wait_for_room(0.5):
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        error = self._admission.error
+        if error is not None:
+            raise error if isinstance(error, FatalError) else FatalError(f"admission: {error}")
+        if self._recorder.error is not None:
+            self._recorder_error_told = True
+            raise FatalError(f"recording outcomes failed: {self._recorder.error}")
+        if self.delivery is not None and self.delivery.fatal is not None:
+            fatal = self.delivery.fatal
+            raise fatal if isinstance(fatal, FatalError) else FatalError(str(fatal))
+
+    def http_counters(self) -> dict[str, float]:
+        """Request counters from delivery and the token provider."""
+        counters = self.delivery.counters() if self.delivery else {}
+        made = getattr(self.tokens, "requests_made", None)
+        if made is not None:
+            counters["token_requests"] = made
+        return counters
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def finish(self) -> int:
+        """End of input: wait for every outcome, write the last STATE and the summary."""
+        while not self._backlog.wait_until_empty(0.25):
+            self._raise_if_failed()
+        self._admission.stop(admit_queued=True)
+        self._confirm()
+        return self._close(fatal=None)
+
+    def _confirm(self) -> None:
+        """confirm_operations: Catena's final word on this run's accepted messages."""
+        to_confirm = self._recorder.to_confirm
+        if not to_confirm or self._client is None:
+            return
+        try:
+            results = confirm_operations(
+                self._client,
+                to_confirm,
+                timeout_seconds=self.settings.confirm_timeout_seconds,
+                max_concurrency=self.settings.max_concurrency,
+                stop=self._stop,
+                throttle=self._throttle,
+            )
+        except FatalError as exc:  # credentials refused: the messages stay accepted
+            logger.error("confirmation stopped: %s", exc)  # noqa: TRY400
+            return
+        for c in results:
+            if c.status == "failed":
+                self.dead_letters.write(**dead_letter_fields(c))
+        self.dead_letters.flush()  # before the final STATE
+        self.ledger.record_confirmations(ledger_updates(results))
+        self._confirmation = summary_counts(results)
+
+    def abort(self, reason: BaseException, *, drain: bool = False) -> int:
+        """Fatal: send nothing new, let in-flight requests finish, write the safe STATE.
+
+        ``drain``: the input failed, not the delivery: the batches already claimed are valid
+        and were read before the bad line, so they are delivered first (a signal still cuts
+        this short). Otherwise queued messages stay claimed for the next run.
+        """
+        self.critical = True  # a signal now stops delivery; it must not raise in here
+        drain = drain and not self.stop_requested
+        if self.delivery is not None and self.delivery.fatal is not None:
+            drain = False
+        # Batches read before the cause are admitted when draining; otherwise they stay
+        # unclaimed (nothing of theirs sent, STATE never covers them).
+        self._admission.stop(admit_queued=drain)
+        if self.delivery is not None:
+            if drain and self.delivery.fatal is None:
+                self.delivery.wait_idle()
+            self.delivery.stop()
+            self.delivery.wait_idle(self.settings.request_timeout_seconds + 5)
+        return self._close(fatal=reason)
+
+    def _close(self, *, fatal: BaseException | None) -> int:
+        self._recorder.stop()
+        if self.delivery is not None:
+            self.delivery.close()
+        recorder_error = self._recorder.error
+        if recorder_error is not None and not self._recorder_error_told:
+            logger.error("fatal: recording outcomes failed: %s", recorder_error)
+        self._recorder.final_line()
+        self.dead_letters.close()
+        exit_code = 1 if fatal is not None or recorder_error is not None else 0
+        failed_at_catena = bool(self._confirmation and self._confirmation["failed"])
+        if (
+            exit_code == 0
+            and (self.report.has_failures() or failed_at_catena)
+            and not self.settings.allow_dead_letters
+        ):
+            exit_code = 2
+        self.ledger.close()
+        emit_summary(
+            self.report,
+            log=logger,
+            write_line=self._stderr,
+            dead_letter_path=str(self.dead_letters.path),
+            dead_letters_written=self.dead_letters.count,
+            ledger_location=self.ledger.location,
+            http=self.http_counters(),
+            exit_code=exit_code,
+            elapsed=time.monotonic() - self._started,
+            confirmation=self._confirmation,
+        )
+        return exit_code
+
+
+def _write_stderr(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
