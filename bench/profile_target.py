@@ -92,7 +92,7 @@ def profile(
     Returns the main thread's profile, the other threads' (None if there were none or the run
     did not finish), and the main thread's seconds until the input was read and drained.
     """
-    from target_catena_messages.target import TargetCatenaMessages  # noqa: PLC0415
+    from target_catena_messages.singer.target import TargetCatenaMessages  # noqa: PLC0415
     from target_catena_messages.tuning import tune_gc  # noqa: PLC0415
 
     class QuietTarget(TargetCatenaMessages):

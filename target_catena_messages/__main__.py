@@ -1,5 +1,5 @@
 """``python -m target_catena_messages`` runs the target CLI."""
 
-from target_catena_messages.target import TargetCatenaMessages
+from target_catena_messages.singer.target import TargetCatenaMessages
 
 TargetCatenaMessages.cli()

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from target_catena_messages.checkpoint import STATE_KEY, Checkpointer, Totals
 from target_catena_messages.outcome import Resolution
+from target_catena_messages.pipeline.checkpoint import STATE_KEY, Checkpointer, Totals
 
 
 def tap_state(n: int) -> dict[str, Any]:

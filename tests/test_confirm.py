@@ -12,7 +12,9 @@ import pytest
 
 from target_catena_messages.catena.auth import ClientCredentialsTokenProvider
 from target_catena_messages.catena.client import Accepted, CatenaClient, Failure, make_session
-from target_catena_messages.confirm import (
+from target_catena_messages.dead_letters import DeadLetterWriter, read_dead_letters
+from target_catena_messages.ledger import ConfirmedStatus
+from target_catena_messages.ops.confirm import (
     Confirmation,
     Pending,
     confirm_operations,
@@ -20,9 +22,7 @@ from target_catena_messages.confirm import (
     ledger_updates,
     summary_counts,
 )
-from target_catena_messages.dead_letters import DeadLetterWriter, read_dead_letters
-from target_catena_messages.ledger import ConfirmedStatus
-from target_catena_messages.report import confirmation_lines
+from target_catena_messages.pipeline.report import confirmation_lines
 from tests.harness import run_target, sandbox_config, singer_lines
 
 CONN_A = "11111111-1111-4111-8111-111111111111"

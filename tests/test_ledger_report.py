@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from target_catena_messages import ledger_report
 from target_catena_messages.ledger import (
     ClaimRequest,
     ConfirmedStatus,
@@ -23,14 +22,15 @@ from target_catena_messages.ledger import (
     LedgerOutcome,
     LedgerReadOnlyError,
 )
-from target_catena_messages.report_query import (
+from target_catena_messages.ops import ledger_report
+from target_catena_messages.ops.report_query import (
     Filters,
     build_report,
     category,
     count_table,
     parse_time,
 )
-from target_catena_messages.report_render import render_text
+from target_catena_messages.ops.report_render import render_text
 from tests.harness import run_target, sandbox_config, singer_lines
 from tests.pg import fresh_schema_url
 
@@ -214,7 +214,7 @@ def test_parse_time_reads_dates_offsets_and_z() -> None:
 
 def ledger_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "target_catena_messages.ledger_report", *args],
+        [sys.executable, "-m", "target_catena_messages.ops.ledger_report", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

@@ -21,8 +21,8 @@ from target_catena_messages.catena import (
     make_session,
 )
 from target_catena_messages.catena.client import OperationSummary
+from target_catena_messages.delivery.lookup import CatenaOperationLookup, _Snapshot, text_key
 from target_catena_messages.ledger import Ledger
-from target_catena_messages.lookup import CatenaOperationLookup, _Snapshot, text_key
 from target_catena_messages.outcome import Message
 from tests.test_catena_client import CLIENT_ID, CONN, SECRET, TOKEN_PATH, source_body
 

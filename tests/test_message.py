@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from target_catena_messages import jsonutil, message
+from target_catena_messages import jsonutil
+from target_catena_messages.body import record as message
 from target_catena_messages.body import validate, versions
-from target_catena_messages.errors import ConfigError
-from target_catena_messages.message import (
+from target_catena_messages.body.record import (
     BodyRules,
     BodyValidator,
     FieldError,
@@ -29,6 +29,7 @@ from target_catena_messages.message import (
     recipient_lane,
     record_key,
 )
+from target_catena_messages.errors import ConfigError
 
 SCHEMAS = Path(message.__file__).parent / "schemas"
 CONN = "019ddd87-eedd-710f-967c-1c6cc72ac985"

@@ -15,8 +15,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 
-from target_catena_messages import message
-from target_catena_messages.message import BodyRules, BodyValidator, build_body, recipient_lane
+from target_catena_messages.body import record as message
+from target_catena_messages.body.record import BodyRules, BodyValidator, build_body, recipient_lane
 
 SCHEMAS = Path(message.__file__).parent / "schemas"
 VERSIONS: tuple[message.SchemaVersion, ...] = ("source_ids", "catena_ids")

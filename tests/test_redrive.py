@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from target_catena_messages import redrive
+from target_catena_messages.body.record import record_key
 from target_catena_messages.ledger import ClaimRequest, Decision, Ledger, LedgerOutcome
-from target_catena_messages.message import record_key
-from target_catena_messages.redrive import (
+from target_catena_messages.ops import redrive
+from target_catena_messages.ops.redrive import (
     KEY_FIELD,
     Selection,
     newest_per_key,
@@ -82,7 +82,7 @@ def test_redrive_after_a_config_fix_delivers_the_fixed_records_exactly_once(
 
     # The re-drive of the dead-letter file, through the console entry (a real pipe's producer).
     proc = subprocess.run(
-        [sys.executable, "-m", "target_catena_messages.redrive", str(dead_letters)],
+        [sys.executable, "-m", "target_catena_messages.ops.redrive", str(dead_letters)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -151,7 +151,7 @@ def test_redrive_log_and_ledger_report_show_what_was_redriven(
         [
             sys.executable,
             "-m",
-            "target_catena_messages.ledger_report",
+            "target_catena_messages.ops.ledger_report",
             "--config",
             str(tmp_path / "config.json"),
             "--json",

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from target_catena_messages.outcome import Resolution
-from target_catena_messages.report import RunReport, emit_summary, plural
+from target_catena_messages.pipeline.report import RunReport, emit_summary, plural
 from tests.harness import run_target, sandbox_config, singer_lines
 
 STREAM = "public-dispatch_messages"

@@ -6,8 +6,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from target_catena_messages.message import BodyValidator
-from target_catena_messages.resolve import Wanted, wanted
+from target_catena_messages.body.record import BodyValidator
+from target_catena_messages.pipeline.users import Wanted, wanted
 from tests.harness import run_target, sandbox_config, singer_lines
 
 CONN = "33333333-3333-4333-8333-333333333333"

@@ -32,9 +32,9 @@ from urllib3.util.ssl_match_hostname import CertificateError
 
 from target_catena_messages.catena.auth import token_policy
 from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport
-from target_catena_messages.confirm import rounds_policy
-from target_catena_messages.lookup import READ_POLICY
-from target_catena_messages.resolve import USERS_POLICY
+from target_catena_messages.delivery.lookup import READ_POLICY
+from target_catena_messages.ops.confirm import rounds_policy
+from target_catena_messages.pipeline.users import USERS_POLICY
 from target_catena_messages.retry import (
     FailureKind,
     GiveUp,

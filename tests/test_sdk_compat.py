@@ -18,9 +18,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from singer_sdk.singerlib.exceptions import InvalidInputLine
 
-from target_catena_messages import sdk_compat
-from target_catena_messages.reader import MessageReader
 from target_catena_messages.settings import SETTINGS_SCHEMA
+from target_catena_messages.singer import sdk_compat
+from target_catena_messages.singer.reader import MessageReader
 
 
 def _resolve(dotted: str) -> Any:
@@ -41,7 +41,7 @@ def test_the_installed_sdk_is_one_the_hooks_were_checked_against() -> None:
     installed = Version(importlib.metadata.version("singer-sdk"))
     assert installed in SpecifierSet(sdk_compat.SDK_CHECKED), (
         f"singer-sdk {installed} is outside {sdk_compat.SDK_CHECKED}: re-check every hook in "
-        "target_catena_messages/sdk_compat.py against the new SDK, then widen SDK_CHECKED"
+        "target_catena_messages/singer/sdk_compat.py against the new SDK, then widen SDK_CHECKED"
     )
 
 

@@ -59,7 +59,7 @@ from singer_sdk.testing import get_target_test_class
 from singer_sdk.testing.runners import TargetTestRunner
 
 from target_catena_messages.sandbox.server import Sandbox
-from target_catena_messages.target import TargetCatenaMessages
+from target_catena_messages.singer.target import TargetCatenaMessages
 from tests.harness import run_target, sandbox_config
 
 CONNECTION_ID = "3b6f7f2e-5d0a-4c1b-9f8e-2a7c4d9e1b10"

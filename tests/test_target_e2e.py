@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from target_catena_messages import jsonutil
-from target_catena_messages.message import record_key
+from target_catena_messages.body.record import record_key
 from target_catena_messages.pipeline.run import Run
 from target_catena_messages.redact import Redactor
 from target_catena_messages.settings import Settings

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.sandbox.faults import SlidingWindowLimiter
-from target_catena_messages.throttle import Throttle
 
 
 class Clock:

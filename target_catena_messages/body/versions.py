@@ -81,7 +81,7 @@ class BodyVersion:
     @functools.cached_property
     def schema(self) -> Mapping[str, Any]:
         """The body's JSON schema from package data, read once (treat as read-only)."""
-        text = resources.files("target_catena_messages.schemas").joinpath(f"{self.name}.json")
+        text = resources.files("target_catena_messages.body.schemas").joinpath(f"{self.name}.json")
         schema: dict[str, Any] = json.loads(text.read_text())
         return schema
 

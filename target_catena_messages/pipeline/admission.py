@@ -28,14 +28,14 @@ from collections.abc import Callable, Sequence
 from enum import Enum
 
 from target_catena_messages.catena.errors import CatenaApiError
-from target_catena_messages.delivery import Delivery
+from target_catena_messages.delivery.engine import Delivery
 from target_catena_messages.errors import FatalError
 from target_catena_messages.ledger import ClaimRequest, ClaimResult, Decision, Ledger
 from target_catena_messages.outcome import Message, Outcome, Resolution, Stage
 from target_catena_messages.pipeline.prepare import Preparer
 from target_catena_messages.pipeline.recorder import Key, QueueItem, WouldSend
-from target_catena_messages.report import plural
-from target_catena_messages.resolve import PLACEHOLDER_USER_ID, UserResolver
+from target_catena_messages.pipeline.report import plural
+from target_catena_messages.pipeline.users import PLACEHOLDER_USER_ID, UserResolver
 from target_catena_messages.settings import Settings
 
 logger = logging.getLogger(__name__)

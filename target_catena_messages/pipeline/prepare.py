@@ -16,12 +16,12 @@ from typing import Any
 
 from target_catena_messages import jsonutil
 from target_catena_messages.body.build import BodyRules, build_body
+from target_catena_messages.body.record import body_hash_key, is_expired, message_time, record_key
 from target_catena_messages.body.validate import BodyValidator
-from target_catena_messages.checkpoint import Checkpointer
-from target_catena_messages.message import body_hash_key, is_expired, message_time, record_key
 from target_catena_messages.outcome import Message
 from target_catena_messages.pipeline.backlog import Backlog
-from target_catena_messages.resolve import wanted
+from target_catena_messages.pipeline.checkpoint import Checkpointer
+from target_catena_messages.pipeline.users import wanted
 from target_catena_messages.settings import Settings
 
 

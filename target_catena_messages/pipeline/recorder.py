@@ -22,14 +22,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from target_catena_messages.checkpoint import IN_STATE, Checkpointer
-from target_catena_messages.confirm import Pending
 from target_catena_messages.dead_letters import DeadLetterWriter
-from target_catena_messages.delivery import Delivery
+from target_catena_messages.delivery.engine import Delivery
 from target_catena_messages.ledger import Ledger, LedgerOutcome, retryable_fingerprint
+from target_catena_messages.ops.confirm import Pending
 from target_catena_messages.outcome import Message, Outcome, Resolution, Stage
 from target_catena_messages.pipeline.backlog import Backlog
-from target_catena_messages.report import RunReport
+from target_catena_messages.pipeline.checkpoint import IN_STATE, Checkpointer
+from target_catena_messages.pipeline.report import RunReport
 from target_catena_messages.settings import Settings
 
 logger = logging.getLogger(__name__)

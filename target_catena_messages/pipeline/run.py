@@ -19,30 +19,30 @@ from typing import Any
 
 from target_catena_messages.catena.auth import TokenProvider
 from target_catena_messages.catena.client import CatenaClient
-from target_catena_messages.checkpoint import Checkpointer
-from target_catena_messages.confirm import (
+from target_catena_messages.connect import client_from_settings
+from target_catena_messages.dead_letters import DeadLetterWriter
+from target_catena_messages.delivery.engine import Delivery
+from target_catena_messages.delivery.lookup import CatenaOperationLookup
+from target_catena_messages.delivery.throttle import Throttle
+from target_catena_messages.errors import FatalError
+from target_catena_messages.ledger import Ledger, new_run_id
+from target_catena_messages.ops.confirm import (
     confirm_operations,
     dead_letter_fields,
     ledger_updates,
     summary_counts,
 )
-from target_catena_messages.connect import client_from_settings
-from target_catena_messages.dead_letters import DeadLetterWriter
-from target_catena_messages.delivery import Delivery
-from target_catena_messages.errors import FatalError
-from target_catena_messages.ledger import Ledger, new_run_id
-from target_catena_messages.lookup import CatenaOperationLookup
 from target_catena_messages.outcome import Message
 from target_catena_messages.pipeline.admission import Admission
 from target_catena_messages.pipeline.backlog import Backlog
+from target_catena_messages.pipeline.checkpoint import Checkpointer
 from target_catena_messages.pipeline.prepare import Preparer
 from target_catena_messages.pipeline.recorder import QueueItem, Recorder
+from target_catena_messages.pipeline.report import RunReport, emit_summary, plural
+from target_catena_messages.pipeline.users import UserResolver
 from target_catena_messages.redact import Redactor
-from target_catena_messages.report import RunReport, emit_summary, plural
-from target_catena_messages.resolve import UserResolver
 from target_catena_messages.retry import RetryPolicy
 from target_catena_messages.settings import Settings
-from target_catena_messages.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 

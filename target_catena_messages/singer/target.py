@@ -43,12 +43,12 @@ from singer_sdk.singerlib.exceptions import InvalidInputLine
 
 from target_catena_messages import jsonutil
 from target_catena_messages.errors import FatalError
+from target_catena_messages.ops.redrive import is_redrive_schema
 from target_catena_messages.pipeline.run import Interrupted, Run
-from target_catena_messages.reader import MessageReader
 from target_catena_messages.redact import Redactor
-from target_catena_messages.redrive import is_redrive_schema
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
-from target_catena_messages.sinks import MessagesSink
+from target_catena_messages.singer.reader import MessageReader
+from target_catena_messages.singer.sinks import MessagesSink
 from target_catena_messages.tuning import tune_gc, tune_malloc
 
 logger = logging.getLogger("target_catena_messages")

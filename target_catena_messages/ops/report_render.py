@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import timezone
 from typing import Any
 
-from target_catena_messages.report import plural
-from target_catena_messages.report_query import CATEGORIES, parse_time
+from target_catena_messages.ops.report_query import CATEGORIES, parse_time
+from target_catena_messages.pipeline.report import plural
 
 _REASON_WIDTH = 100
 

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from target_catena_messages import jsonutil
-from target_catena_messages.confirm import confirm_ledger
 from target_catena_messages.connect import client_from_settings
 from target_catena_messages.errors import ConfigError, FatalError
 from target_catena_messages.ledger import Ledger, new_run_id
-from target_catena_messages.redact import Redactor
-from target_catena_messages.report_query import (
+from target_catena_messages.ops.confirm import confirm_ledger
+from target_catena_messages.ops.report_query import (
     CATEGORIES,
     NEEDS_ATTENTION,
     Filters,
@@ -37,9 +36,10 @@ from target_catena_messages.report_query import (
     parse_time,
     read_redrive_log,
 )
-from target_catena_messages.report_render import render_text
-from target_catena_messages.sdk_compat import environment_config
+from target_catena_messages.ops.report_render import render_text
+from target_catena_messages.redact import Redactor
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
+from target_catena_messages.singer.sdk_compat import environment_config
 
 ENV_PREFIX = "TARGET_CATENA_MESSAGES_"
 REDRIVE_LOG_NAME = "redrive-log.jsonl"

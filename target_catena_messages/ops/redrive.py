@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from target_catena_messages import jsonutil
+from target_catena_messages.body.record import MESSAGE_TEXT
 from target_catena_messages.dead_letters import STAGES, read_dead_letters
 from target_catena_messages.errors import ConfigError, FatalError
 from target_catena_messages.ledger import Key, Ledger, new_run_id
-from target_catena_messages.ledger_report import default_redrive_log, load_config, locations
-from target_catena_messages.message import MESSAGE_TEXT
-from target_catena_messages.report import plural
+from target_catena_messages.ops.ledger_report import default_redrive_log, load_config, locations
+from target_catena_messages.pipeline.report import plural
 
 logger = logging.getLogger(__name__)
 

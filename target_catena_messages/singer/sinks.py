@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from singer_sdk.sinks import BatchSink
 
-from target_catena_messages.message import check_stream_schema
+from target_catena_messages.body.record import check_stream_schema
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from target_catena_messages.outcome import Message
     from target_catena_messages.pipeline.run import Run
-    from target_catena_messages.target import TargetCatenaMessages
+    from target_catena_messages.singer.target import TargetCatenaMessages
 
 DEFAULT_BATCH_ROWS = 1000
 

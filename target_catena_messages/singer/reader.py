@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 from singer_sdk.singerlib.exceptions import InvalidInputLine
 
-from target_catena_messages.sdk_compat import LeanReader, decode_line
+from target_catena_messages.singer.sdk_compat import LeanReader, decode_line
 
 
 class MessageReader(LeanReader):

@@ -30,10 +30,10 @@ from typing import Any
 
 from target_catena_messages.catena.client import CatenaClient, Failure, OperationSummary
 from target_catena_messages.catena.errors import CatenaApiError
+from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.ledger import Ledger
 from target_catena_messages.outcome import Message
 from target_catena_messages.retry import FailureKind, GiveUp, RetryPolicy
-from target_catena_messages.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 

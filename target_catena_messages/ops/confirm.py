@@ -22,9 +22,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 from target_catena_messages.catena.client import CatenaClient, Failure
+from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.ledger import ConfirmedStatus, Ledger
 from target_catena_messages.retry import FailureKind, RetryPolicy
-from target_catena_messages.throttle import Throttle
 
 __all__ = [
     "Confirmation",

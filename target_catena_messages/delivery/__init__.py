@@ -1,0 +1,1 @@
+"""Sending: lanes per driver, a global cap, the shared throttle, lookups before a resend."""

@@ -1,0 +1,1 @@
+"""Operator commands and after-the-fact checks: the ledger report, re-drive, confirmation."""
