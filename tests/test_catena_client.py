@@ -33,11 +33,11 @@ from target_catena_messages.catena import (
     TokenUnavailable,
     make_session,
 )
+from target_catena_messages.catena.classify import FailureKind
 from target_catena_messages.catena.errors import ClientConfigError
 from target_catena_messages.connect import client_from_settings
 from target_catena_messages.errors import ConfigError, FatalError
 from target_catena_messages.redact import Redactor
-from target_catena_messages.retry import FailureKind
 from target_catena_messages.settings import Settings
 
 TOKEN_PATH = "/realms/catena/protocol/openid-connect/token"

@@ -15,11 +15,11 @@ import pytest
 
 from target_catena_messages.catena.auth import ClientCredentialsTokenProvider
 from target_catena_messages.catena.client import CatenaClient, make_session
+from target_catena_messages.catena.retry import RejectionBreaker, RetryPolicy
 from target_catena_messages.delivery.engine import Delivery, FairSlots
 from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.errors import FatalError
 from target_catena_messages.outcome import Message, Outcome, Resolution
-from target_catena_messages.retry import RejectionBreaker, RetryPolicy
 
 CONN_A = "11111111-1111-4111-8111-111111111111"
 CONN_B = "22222222-2222-4222-8222-222222222222"

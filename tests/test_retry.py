@@ -31,21 +31,18 @@ from urllib3 import HTTPHeaderDict
 from urllib3.util.ssl_match_hostname import CertificateError
 
 from target_catena_messages.catena.auth import token_policy
-from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport
-from target_catena_messages.delivery.lookup import READ_POLICY
-from target_catena_messages.ops.confirm import rounds_policy
-from target_catena_messages.pipeline.users import USERS_POLICY
-from target_catena_messages.retry import (
+from target_catena_messages.catena.classify import (
     FailureKind,
-    GiveUp,
-    GiveUpReason,
-    RejectionBreaker,
     RequestNotSendable,
-    RetryPolicy,
     classify_exception,
     classify_status,
     retry_after_seconds,
 )
+from target_catena_messages.catena.retry import GiveUp, GiveUpReason, RejectionBreaker, RetryPolicy
+from target_catena_messages.catena.transport import SEND_ERRORS, HttpTransport
+from target_catena_messages.delivery.lookup import READ_POLICY
+from target_catena_messages.ops.confirm import rounds_policy
+from target_catena_messages.pipeline.users import USERS_POLICY
 
 SAFE, AMBIGUOUS, AUTH, REJECTION = (
     FailureKind.SAFE,

@@ -32,9 +32,9 @@ from target_catena_messages.catena import (
     StaticTokenProvider,
     make_session,
 )
+from target_catena_messages.catena.classify import FailureKind
 from target_catena_messages.catena.errors import ClientConfigError
 from target_catena_messages.catena.transport import ca_bundle_from_env
-from target_catena_messages.retry import FailureKind
 from tests.harness import run_target, sandbox_config, singer_lines
 
 TOKEN = "tok-Do-Not-Leak-7"

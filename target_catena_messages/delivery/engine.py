@@ -37,10 +37,10 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from target_catena_messages.catena.client import Accepted, CatenaClient, Failure
+from target_catena_messages.catena.retry import GiveUp, GiveUpReason, RejectionBreaker, RetryPolicy
 from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.errors import FatalError
 from target_catena_messages.outcome import Message, Outcome, Resolution
-from target_catena_messages.retry import GiveUp, GiveUpReason, RejectionBreaker, RetryPolicy
 
 logger = logging.getLogger(__name__)
 

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from target_catena_messages.catena.classify import FailureKind
 from target_catena_messages.catena.client import CatenaClient, Failure, OperationSummary
 from target_catena_messages.catena.errors import CatenaApiError
+from target_catena_messages.catena.retry import GiveUp, RetryPolicy
 from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.ledger import Ledger
 from target_catena_messages.outcome import Message
-from target_catena_messages.retry import FailureKind, GiveUp, RetryPolicy
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from target_catena_messages.catena.classify import FailureKind
 from target_catena_messages.catena.client import CatenaClient, Failure
+from target_catena_messages.catena.retry import RetryPolicy
 from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.ledger import ConfirmedStatus, Ledger
-from target_catena_messages.retry import FailureKind, RetryPolicy
 
 __all__ = [
     "Confirmation",

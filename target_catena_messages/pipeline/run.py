@@ -19,6 +19,7 @@ from typing import Any
 
 from target_catena_messages.catena.auth import TokenProvider
 from target_catena_messages.catena.client import CatenaClient
+from target_catena_messages.catena.retry import RetryPolicy
 from target_catena_messages.connect import client_from_settings
 from target_catena_messages.dead_letters import DeadLetterWriter
 from target_catena_messages.delivery.engine import Delivery
@@ -41,7 +42,6 @@ from target_catena_messages.pipeline.recorder import QueueItem, Recorder
 from target_catena_messages.pipeline.report import RunReport, emit_summary, plural
 from target_catena_messages.pipeline.users import UserResolver
 from target_catena_messages.redact import Redactor
-from target_catena_messages.retry import RetryPolicy
 from target_catena_messages.settings import Settings
 
 logger = logging.getLogger(__name__)

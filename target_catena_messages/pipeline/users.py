@@ -23,8 +23,8 @@ from target_catena_messages.body.validate import BodyValidator
 from target_catena_messages.body.versions import BodyVersion, UserIdField
 from target_catena_messages.catena.client import CatenaClient
 from target_catena_messages.catena.errors import CatenaApiError
+from target_catena_messages.catena.retry import GiveUp, RetryPolicy
 from target_catena_messages.delivery.throttle import Throttle
-from target_catena_messages.retry import GiveUp, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
