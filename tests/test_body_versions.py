@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from target_catena_messages.body import versions
-from target_catena_messages.body.record import BodyRules, BodyValidator, build_body, is_uuid
+from target_catena_messages.body.build import BodyRules, build_body
+from target_catena_messages.body.validate import BodyValidator, is_uuid
 from target_catena_messages.errors import ConfigError
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
 from tests.harness import run_target, sandbox_config, singer_lines

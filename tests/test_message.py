@@ -1,4 +1,4 @@
-"""Bodies, validation, keys, lanes, schema checks and message times (message.py)."""
+"""Bodies, validation, keys, lanes, schema checks and message times (body/)."""
 
 from __future__ import annotations
 
@@ -15,23 +15,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from target_catena_messages import jsonutil
-from target_catena_messages.body import record as message
 from target_catena_messages.body import validate, versions
+from target_catena_messages.body.build import BodyRules, build_body, recipient_lane
 from target_catena_messages.body.record import (
-    BodyRules,
-    BodyValidator,
-    FieldError,
     body_hash_key,
-    build_body,
     check_stream_schema,
     is_expired,
     message_time,
-    recipient_lane,
     record_key,
 )
+from target_catena_messages.body.validate import BodyValidator, FieldError
 from target_catena_messages.errors import ConfigError
 
-SCHEMAS = Path(message.__file__).parent / "schemas"
+SCHEMAS = Path(validate.__file__).parent / "schemas"
 CONN = "019ddd87-eedd-710f-967c-1c6cc72ac985"
 CONN2 = "3c90c3cc-0d44-4b50-8888-8dd25736052a"
 SENDER = "f9c7ee1c-2e16-5858-9b7e-ff7c89a4dd04"
@@ -94,7 +90,7 @@ def test_schema_files_mirror_the_spec() -> None:
 
 
 @pytest.mark.parametrize("version", ["source_ids", "catena_ids"])
-def test_spec_examples_and_full_bodies_are_valid(version: message.SchemaVersion) -> None:
+def test_spec_examples_and_full_bodies_are_valid(version: validate.SchemaVersion) -> None:
     schema = json.loads((SCHEMAS / f"{version}.json").read_text())
     validator = BodyValidator(version)
     assert validator.errors(schema["examples"][0]) == []
@@ -151,7 +147,7 @@ def test_unknown_version_is_refused() -> None:
     ],
 )
 def test_each_invalid_field_is_named(
-    version: message.SchemaVersion, field: str, value: object, words: list[str]
+    version: validate.SchemaVersion, field: str, value: object, words: list[str]
 ) -> None:
     body = {**(SOURCE_BODY if version == "source_ids" else CATENA_BODY), field: value}
     errors = BodyValidator(version).errors(body)
@@ -170,7 +166,7 @@ def test_wrong_type_on_an_enum_reports_the_type_once() -> None:
     [("source_ids", ["connection_id"]), ("catena_ids", ["connection_id", "recipient_id"])],
 )
 def test_missing_required_fields_are_named(
-    version: message.SchemaVersion, missing: list[str]
+    version: validate.SchemaVersion, missing: list[str]
 ) -> None:
     body = {**(SOURCE_BODY if version == "source_ids" else CATENA_BODY)}
     for name in missing:
@@ -192,7 +188,7 @@ def test_array_items_must_be_strings() -> None:
 @pytest.mark.parametrize(
     ("text", "word"), [(None, "null"), ("", "blank"), ("  \t\n\u3000", "blank"), (..., "missing")]
 )
-def test_message_text_rule(version: message.SchemaVersion, text: object, word: str) -> None:
+def test_message_text_rule(version: validate.SchemaVersion, text: object, word: str) -> None:
     body: dict[str, object] = {**(SOURCE_BODY if version == "source_ids" else CATENA_BODY)}
     if text is ...:
         del body["message_text"]
@@ -275,13 +271,13 @@ _ANY_VALUE = st.one_of(
 @pytest.mark.parametrize("version", ["source_ids", "catena_ids"])
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
-def test_rules_table_agrees_with_fastjsonschema(version: message.SchemaVersion, data: Any) -> None:
+def test_rules_table_agrees_with_fastjsonschema(version: validate.SchemaVersion, data: Any) -> None:
     # The table replaces fastjsonschema's compiled code on the per-record path: same verdicts.
-    schema = dict(message.load_schema(version))
+    schema = dict(validate.load_schema(version))
     table = validate._rules_table(schema)
     assert table is not None  # both body schemas take the fast table
     check = validate._table_check(*table)
-    compiled = fastjsonschema.compile(schema, formats={"uuid": message.is_uuid})
+    compiled = fastjsonschema.compile(schema, formats={"uuid": validate.is_uuid})
     names = [*schema["properties"], "not_in_schema"]
     body = data.draw(st.dictionaries(st.sampled_from(names), _ANY_VALUE, max_size=len(names)))
     try:

@@ -1,6 +1,6 @@
 """Property tests: BodyValidator agrees with an independent reading of the schema files.
 
-The oracle knows nothing of message.py internals: it loads the schema file itself, judges the
+The oracle knows nothing of body/validate.py internals: it loads the schema file itself, judges the
 whole body with a plain jsonschema validator and each field alone with that field's subschema.
 """
 
@@ -15,11 +15,12 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 
-from target_catena_messages.body import record as message
-from target_catena_messages.body.record import BodyRules, BodyValidator, build_body, recipient_lane
+from target_catena_messages.body import validate
+from target_catena_messages.body.build import BodyRules, build_body, recipient_lane
+from target_catena_messages.body.validate import BodyValidator
 
-SCHEMAS = Path(message.__file__).parent / "schemas"
-VERSIONS: tuple[message.SchemaVersion, ...] = ("source_ids", "catena_ids")
+SCHEMAS = Path(validate.__file__).parent / "schemas"
+VERSIONS: tuple[validate.SchemaVersion, ...] = ("source_ids", "catena_ids")
 SCHEMA = {v: json.loads((SCHEMAS / f"{v}.json").read_text()) for v in VERSIONS}
 CHECKER = FormatChecker()
 WHOLE = {v: Draft202012Validator(SCHEMA[v], format_checker=CHECKER) for v in VERSIONS}
@@ -135,7 +136,7 @@ rules_strategy = st.builds(
 
 
 def truly_wrong_fields(
-    version: message.SchemaVersion, body: dict[str, Any], allow_empty: bool
+    version: validate.SchemaVersion, body: dict[str, Any], allow_empty: bool
 ) -> set[str]:
     """Fields the spec (judged field by field) or the message_text rule rejects."""
     schema = SCHEMA[version]
@@ -151,7 +152,7 @@ def truly_wrong_fields(
     return wrong
 
 
-def check(version: message.SchemaVersion, body: dict[str, Any], allow_empty: bool) -> None:
+def check(version: validate.SchemaVersion, body: dict[str, Any], allow_empty: bool) -> None:
     validator = BodyValidator(version, allow_empty_message_text=allow_empty)
     errors = validator.errors(body)
     event(f"{version} {'refused' if errors else 'accepted'}")
@@ -188,7 +189,7 @@ def test_built_bodies_are_valid_exactly_when_the_spec_says_so(
 @settings(max_examples=200, deadline=None)
 @given(record=records(), version=st.sampled_from(VERSIONS), allow_empty=st.booleans())
 def test_raw_bodies_with_nulls_and_extras_too(
-    record: dict[str, Any], version: message.SchemaVersion, allow_empty: bool
+    record: dict[str, Any], version: validate.SchemaVersion, allow_empty: bool
 ) -> None:
     # Bodies not built by build_body: nulls in required fields, foreign fields left in.
     check(version, record, allow_empty)
@@ -206,7 +207,7 @@ GOOD_BODY: dict[str, dict[str, Any]] = {
 
 
 @st.composite
-def one_fault(draw: st.DrawFn) -> tuple[message.SchemaVersion, dict[str, Any]]:
+def one_fault(draw: st.DrawFn) -> tuple[validate.SchemaVersion, dict[str, Any]]:
     """A good body with exactly one field replaced, so no other fault can hide a disagreement."""
     version = draw(st.sampled_from(VERSIONS))
     name = draw(st.sampled_from(sorted(SCHEMA[version]["properties"])))
@@ -220,7 +221,7 @@ def one_fault(draw: st.DrawFn) -> tuple[message.SchemaVersion, dict[str, Any]]:
 @settings(max_examples=300, deadline=None)
 @given(case=one_fault(), allow_empty=st.booleans())
 def test_one_faulty_field_in_a_good_body(
-    case: tuple[message.SchemaVersion, dict[str, Any]], allow_empty: bool
+    case: tuple[validate.SchemaVersion, dict[str, Any]], allow_empty: bool
 ) -> None:
     version, body = case
     check(version, body, allow_empty)

@@ -6,7 +6,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from target_catena_messages.body.record import BodyValidator
+from target_catena_messages.body.validate import BodyValidator
 from target_catena_messages.pipeline.users import Wanted, wanted
 from tests.harness import run_target, sandbox_config, singer_lines
 

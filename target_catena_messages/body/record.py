@@ -1,7 +1,7 @@
 """From a mapped record to a Message's parts: its key, its time, its stream's checks.
 
-Everything here is pure. The body itself is built and validated in ``body/``; its names are
-re-exported here for callers that import them from this module.
+Everything here is pure. The body itself is built in ``build.py`` and validated in
+``validate.py``.
 """
 
 from __future__ import annotations
@@ -12,42 +12,8 @@ from decimal import Decimal
 from typing import Any
 
 from target_catena_messages import jsonutil
-from target_catena_messages.body.build import (
-    SCHEMA_VERSIONS,
-    BodyRules,
-    build_body,
-    recipient_lane,
-)
-from target_catena_messages.body.validate import (
-    MESSAGE_TEXT,
-    BodyValidator,
-    FieldError,
-    SchemaVersion,
-    _show,
-    is_uuid,
-    load_schema,
-    value_problems,
-)
+from target_catena_messages.body.validate import MESSAGE_TEXT, _show
 from target_catena_messages.errors import ConfigError
-
-__all__ = [
-    "MESSAGE_TEXT",
-    "SCHEMA_VERSIONS",
-    "BodyRules",
-    "BodyValidator",
-    "FieldError",
-    "SchemaVersion",
-    "body_hash_key",
-    "build_body",
-    "check_stream_schema",
-    "is_expired",
-    "is_uuid",
-    "load_schema",
-    "message_time",
-    "recipient_lane",
-    "record_key",
-    "value_problems",
-]
 
 
 def _key_text(value: Any) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from target_catena_messages import jsonutil
-from target_catena_messages.body.record import MESSAGE_TEXT
+from target_catena_messages.body.validate import MESSAGE_TEXT
 from target_catena_messages.dead_letters import STAGES, read_dead_letters
 from target_catena_messages.errors import ConfigError, FatalError
 from target_catena_messages.ledger import Key, Ledger, new_run_id
