@@ -184,8 +184,8 @@ def report(
             "- Rows with goal `-` explain a judged row: the SDK's floor bounds what any "
             "singer-sdk target can reach in P1; the bare loops show what the HTTP stack, the "
             "sandbox and the machine allow in P2/P3: urllib3 threads (the target's transport, "
-            "P3's judged baseline), aiohttp tasks on one event loop (the alternative issue 9 "
-            "asks to measure) and requests threads (the target's earlier stack).",
+            "P3's judged baseline), aiohttp tasks on one event loop (the alternative HTTP stack "
+            "worth measuring) and requests threads (the target's earlier stack).",
             "- P2/P3/P5/P6 rates come from the sandbox's own arrival timestamps, identically for "
             "the target and the bare loop: P2 `n / (last - first + 50 ms)`, which equals "
             "`max_concurrency / 50 ms` for an ideal sender.",

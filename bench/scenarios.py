@@ -165,7 +165,7 @@ def p2_latency(b: Bench) -> list[Row]:
 
 
 # The bare loops: urllib3 threads (the target's own transport, the P3 baseline), then aiohttp
-# tasks on one event loop (the alternative issue 9 asks to measure), then requests threads (the
+# tasks on one event loop (the alternative HTTP stack worth measuring), then requests threads (the
 # target's stack before it moved to urllib3).
 _STACKS = ("urllib3", "aiohttp", "requests")
 

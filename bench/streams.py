@@ -110,7 +110,7 @@ def write_stream(path: Path, records: int, *, drivers: int = 1000, first: int = 
 def bodies(path: Path) -> list[dict[str, Any]]:
     """The Create Message bodies a stream file should produce, in order, for the bare client loop.
 
-    Derived from the file itself (body fields, nulls left out, as contract §3 says) so the bare
+    Derived from the file itself (body fields, nulls left out, as the body rules say) so the bare
     loop posts exactly what the target posts without importing the target.
     """
     fields = (

@@ -1,5 +1,5 @@
 """The operation lookup against the real sandbox: adopt exactly one match, never guess, and keep
-only what lookups in progress need (issue 10's soak found the snapshot growing with the run).
+only what lookups in progress need (a soak found the snapshot growing with the run).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""catena_ids from real TMS data: provider driver ids resolved to Catena user ids (issue 8)."""
+"""catena_ids from real TMS data: provider driver ids resolved to Catena user ids."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """singer-sdk's 16 standard target tests, against the real target and the sandbox over loopback.
 
 The bundled test streams are generic tables, not driver messages: none has ``message_text``, so
-unconfigured, every one would stop at SCHEMA time (contract §3: a stream that cannot produce a
+unconfigured, every one would stop at SCHEMA time (the body rules: a stream that cannot produce a
 message is a fatal configuration error). The suite is therefore configured as a user would
 configure a stream that should notify drivers: a stream map per stream that says what the
 message text is, ``default_connection_id`` for the Catena connection, and
@@ -43,7 +43,7 @@ counts are checked against the sandbox and the dead-letter file after every test
 The standard tests call ``process_lines`` in-process: they see the exception, not what the CLI
 does with it. ``test_cli_*`` run the real CLI on the three failing files: exit 1, a ``fatal:``
 line naming the cause, no traceback, nothing sent, and the safe STATE when a tap STATE came
-before the failure, with contract §7's one line naming the input line.
+before the failure, with one line naming the input line.
 """
 
 from __future__ import annotations

@@ -248,7 +248,7 @@ def _retryable(c: Confirmation) -> bool:
 
 
 def dead_letter_fields(c: Confirmation) -> dict[str, Any]:
-    """Keyword arguments of ``DeadLetterWriter.write`` for a failed confirmation (contract §5).
+    """Keyword arguments of ``DeadLetterWriter.write`` for a failed confirmation.
 
     Raises:
         ValueError: ``c`` did not fail; only failed operations are dead letters.

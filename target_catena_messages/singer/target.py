@@ -6,7 +6,7 @@ signals and exit codes away from the SDK and gives them to the Run:
 
 - ``_write_state_message`` is a no-op; the Run writes STATE once outcomes are durable;
 - a tap STATE is tied to the records read before it (``_process_state_message``);
-- ``invoke`` turns every ending into contract §7's exit code, with one clear line and the safe
+- ``invoke`` turns every ending into the README's exit codes, with one clear line and the safe
   STATE on a fatal error.
 
 It also takes the per-record path: singer-sdk's ``_process_record_message`` copies, maps, cleans,
@@ -53,7 +53,7 @@ from target_catena_messages.tuning import tune_gc, tune_malloc
 
 logger = logging.getLogger("target_catena_messages")
 
-# Input problems that end the run with one line naming the cause (contract §7).
+# Input problems that end the run with one line naming the cause (and the input line).
 _INPUT_ERRORS = (
     InvalidInputLine,
     RecordsWithoutSchemaException,
@@ -338,7 +338,7 @@ class TargetCatenaMessages(Target):
         config: _ConfigInput | None = None,
         file_input: IO[str] | None = None,
     ) -> None:
-        """CLI entry: contract §7 exit codes instead of the SDK's."""
+        """CLI entry: the README's exit codes instead of the SDK's."""
         if about:
             super().invoke(about=about, about_format=about_format)
         cls.print_version(print_fn=cls.logger.info)
