@@ -1,4 +1,4 @@
-"""The dead-letter file: records that were not delivered, one JSON object a line (README, "Dead letters").
+"""The dead-letter file: records that were not delivered, one JSON object a line.
 
 A dead letter is the only place a record that was not sent survives, so the file is appended
 (never rewritten), created 0600 (records are driver messages, possibly personal data) and fsynced

@@ -60,9 +60,10 @@ class Message:
     this order, and each hand-over is a queue or lock (a happens-before edge):
 
     1. *prepare* (reader thread) sets every field up to ``unresolved``.
-    2. *admission* (reader thread, before the message is submitted): a ``catena_ids`` body gets
-       its user ids (``body``, ``errors``, ``expired``, ``fingerprint``, ``lane``,
-       ``unresolved``, ``lookup_failed``); a recovered claim sets ``recover``,
+    2. *admission* (the admission thread, after the batch came through its inbox, before the
+       message is submitted): a body whose version resolves provider ids gets its user ids
+       (``body``, ``errors``, ``expired``, ``fingerprint``, ``lane``, ``unresolved``,
+       ``lookup_failed``); a recovered claim sets ``recover``,
        ``prior_claimed_at`` and ``maybe_sent``. Nothing of these changes after submit.
     3. *delivery* (one worker at a time: a lane sends its head only) writes the attempt fields
        ``attempts``, ``first_sent_at``, ``last_sent_at``, ``maybe_sent`` until the Outcome.
@@ -81,7 +82,7 @@ class Message:
         default_factory=list
     )  # validation errors ({field, message})
     expired: bool = False
-    unresolved: Any = None  # resolve.Wanted: provider ids still to turn into Catena user ids
+    unresolved: Any = None  # pipeline.users.Wanted: provider ids still to turn into Catena user ids
     lookup_failed: bool = False  # the users lookup failed: a retryable API failure, not bad data
     recover: bool = False  # an earlier run claimed it and died: its send is ambiguous
     prior_claimed_at: datetime | None = None

@@ -151,7 +151,8 @@ def test_revoked_tokens_mid_run_refresh_once_and_go_on(
     tmp_path: Path, sandbox_factory: Any
 ) -> None:
     # One revocation: every thread holding the old token gets a 401, one refresh serves them all.
-    # (A second revocation while a retry is on the wire is a repeated 401: a rejection, by the retry rules.)
+    # (A second revocation while a retry is on the wire is a repeated 401: a rejection, by the
+    # retry rules.)
     sandbox = sandbox_factory(plan({"kind": "revoke_tokens", "match": {"requests": [10]}}))
     recs = records(40)
     result = run(tmp_path, sandbox, recs)

@@ -3,8 +3,9 @@
 The run owns what lives for the whole process and is shared by all sinks: the ledger, the dead
 letters, the checkpointer, the report, the delivery engine, and the run lock (see the package
 docstring for the threads and the lock order). Reader thread: :meth:`Run.prepare` per record,
-:meth:`Run.dispatch` per batch, then :meth:`Run.finish` or :meth:`Run.abort`. Either ending
-writes the newest safe STATE, then the summary (docs/design.md, "Durability order").
+:meth:`Run.dispatch` per batch (handed to the admission thread), then :meth:`Run.finish` or
+:meth:`Run.abort`. Either ending writes the newest safe STATE, then the summary
+(docs/design.md, "Durability order").
 """
 
 from __future__ import annotations
