@@ -4,8 +4,8 @@ memory flat.
 The sandbox runs as its own process (it must not share the GIL with the check), the target as the
 real CLI. "Memory flat": the target's RSS is sampled from ``/proc`` every half second; it must stay
 under 200 MiB (the bench's memory bound) and grow by at most 10 % over the last third of the run
-(the first two thirds fill the operation lookup's window, the connection pool and the allocator's arenas). A
-leak of 250 bytes per record would exceed that. Before the CLI tuned glibc's allocator
+(the first two thirds fill the operation lookup's window, the connection pool and the allocator's
+arenas). A leak of 250 bytes per record would exceed that. Before the CLI tuned glibc's allocator
 (tuning.py), connection resets and drops made RSS creep by ~5 MiB per 100k records
 (docs/reliability.md, "Soak").
 Set ``SOAK_RECORDS`` to run another size (the 1M figures in docs/reliability.md came from
