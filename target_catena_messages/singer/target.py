@@ -130,6 +130,8 @@ class TargetCatenaMessages(Target):
         self._input_done = False
         # Streams whose records take the lean path, to their sink (see _route_stream).
         self._direct: dict[str, MessagesSink] = {}
+        self.message_sinks: list[MessagesSink] = []
+        """Every sink made, replaced ones included: they share the run's batch (see sinks.py)."""
         self._max_age_seconds = 60 * self._MAX_RECORD_AGE_IN_MINUTES
 
     @classmethod
@@ -313,7 +315,7 @@ class TargetCatenaMessages(Target):
             self.logger.info(
                 "Target sink for '%s' is full. Current size is '%s'. Draining...",
                 sink.stream_name,
-                sink.current_size,
+                len(self.run.buffered),
             )
             self.drain_one(sink)
         if time.time() - self._last_full_drain_at > self._max_age_seconds:
