@@ -183,6 +183,33 @@ def test_bad_line_still_delivers_every_record_read_before_it(
     assert position(rerun.last_state) == 60
 
 
+def test_a_failure_while_handing_over_still_ends_on_the_bad_line_with_safe_state(
+    tmp_path: Path, sandbox: Any
+) -> None:
+    """The records before the bad line hold one that ``on_invalid_record: fail`` stops on.
+
+    The bad line stays the one error; the invalid record is named in a warning; no STATE covers
+    a record that was not accepted.
+    """
+    lines = [
+        schema_line(),
+        *(record_line(i) for i in range(1, 11)),
+        state_line(STREAM, 10),
+        record_line(11, priority="urgent"),
+        record_line(12),
+        state_line(STREAM, 12),
+    ]
+    data = ("\n".join(lines) + "\n").encode() + b'{"type": "RECORD", "str\n'  # line 16
+    result = run(tmp_path, sandbox, data, on_invalid_record="fail")
+    assert_one_clear_fatal(result, "input line 16", "not valid JSON")
+    assert "(key 11)" in result.stderr
+    assert "on_invalid_record: fail" in result.stderr
+    sent = copies_by_key(sandbox.accepted_bodies())
+    assert sent["11"] == 0
+    for state in result.states:
+        assert all(sent[str(i)] == 1 for i in range(1, position(state) + 1)), (state, sent)
+
+
 def test_record_before_schema_is_fatal_naming_stream_and_line(tmp_path: Path, sandbox: Any) -> None:
     lines = [*good_lines(2), record_line(1, stream="other_stream")]
     result = run(tmp_path, sandbox, lines, batch_size_rows=1)

@@ -274,6 +274,9 @@ class Run:
         # Batches read before the cause are admitted when draining; otherwise they stay
         # unclaimed (nothing of theirs sent, STATE never covers them).
         self._admission.stop(admit_queued=drain)
+        also = self._admission.error
+        if also is not None and str(also) not in str(reason):  # e.g. a record found invalid
+            logger.warning("also stopped: %s", " ".join(str(also).split()) or type(also).__name__)
         if self.delivery is not None:
             if drain and self.delivery.fatal is None:
                 self.delivery.wait_idle()
