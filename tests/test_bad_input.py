@@ -141,6 +141,75 @@ def test_invalid_utf8_in_input_file_is_fatal_naming_its_line(tmp_path: Path, san
     assert "not valid UTF-8" in error, error
 
 
+def _forty_then(bad: bytes) -> bytes:
+    """SCHEMA, records 1..40, the tap's STATE after them, then ``bad`` (line 43)."""
+    lines = [schema_line(), *(record_line(i) for i in range(1, 41)), state_line(STREAM, 40)]
+    return ("\n".join(lines) + "\n").encode() + bad + b"\n"
+
+
+def _next_input() -> list[str]:
+    """What the tap sends next, resuming from the STATE after record 40."""
+    return [schema_line(), *(record_line(i) for i in range(41, 61)), state_line(STREAM, 60)]
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        (b'{"type": "RECORD", "stream": ', "not valid JSON"),
+        (record_line(41, message_text="@@").encode().replace(b"@@", b"\xff\xfe"), "UTF-8"),
+    ],
+    ids=["malformed", "invalid-utf8"],
+)
+def test_bad_line_still_delivers_every_record_read_before_it(
+    tmp_path: Path, sandbox: Any, bad: bytes, why: str
+) -> None:
+    """Records still waiting in the sink's batch when the bad line comes are sent, then covered.
+
+    The default batch size keeps all 40 in the batch: nothing was dispatched before the bad line.
+    """
+    result = run(tmp_path, sandbox, _forty_then(bad))
+    assert_one_clear_fatal(result, "input line 43", why)
+    expected = Counter({str(i): 1 for i in range(1, 41)})
+    assert copies_by_key(sandbox.accepted_bodies()) == expected
+    assert result.last_state is not None
+    assert result.last_state["bookmarks"] == {STREAM: {"replication_key_value": 40}}
+    ours = result.last_state["target_catena_messages"]
+    assert ours["totals"]["accepted"] == 40
+    assert sorted(int(key) for _, key, _ in result.operations()) == list(range(1, 41))
+    rerun = run(tmp_path, sandbox, _next_input())
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert copies_by_key(sandbox.accepted_bodies()) == Counter({str(i): 1 for i in range(1, 61)})
+    assert rerun.last_state is not None
+    assert position(rerun.last_state) == 60
+
+
+def test_a_failure_while_handing_over_still_ends_on_the_bad_line_with_safe_state(
+    tmp_path: Path, sandbox: Any
+) -> None:
+    """The records before the bad line hold one that ``on_invalid_record: fail`` stops on.
+
+    The bad line stays the one error; the invalid record is named in a warning; no STATE covers
+    a record that was not accepted.
+    """
+    lines = [
+        schema_line(),
+        *(record_line(i) for i in range(1, 11)),
+        state_line(STREAM, 10),
+        record_line(11, priority="urgent"),
+        record_line(12),
+        state_line(STREAM, 12),
+    ]
+    data = ("\n".join(lines) + "\n").encode() + b'{"type": "RECORD", "str\n'  # line 16
+    result = run(tmp_path, sandbox, data, on_invalid_record="fail")
+    assert_one_clear_fatal(result, "input line 16", "not valid JSON")
+    assert "(key 11)" in result.stderr
+    assert "on_invalid_record: fail" in result.stderr
+    sent = copies_by_key(sandbox.accepted_bodies())
+    assert sent["11"] == 0
+    for state in result.states:
+        assert all(sent[str(i)] == 1 for i in range(1, position(state) + 1)), (state, sent)
+
+
 def test_record_before_schema_is_fatal_naming_stream_and_line(tmp_path: Path, sandbox: Any) -> None:
     lines = [*good_lines(2), record_line(1, stream="other_stream")]
     result = run(tmp_path, sandbox, lines, batch_size_rows=1)

@@ -2,8 +2,9 @@
 
 The run owns what lives for the whole process and is shared by all sinks: the ledger, the dead
 letters, the checkpointer, the report, the delivery engine, and the run lock (see the package
-docstring for the threads and the lock order). Reader thread: :meth:`Run.prepare` per record,
-:meth:`Run.dispatch` per batch (handed to the admission thread), then :meth:`Run.finish` or
+docstring for the threads and the lock order). Reader thread: :meth:`Run.prepare` per record
+(kept in :attr:`Run.buffered`, one batch shared by every stream), :meth:`Run.dispatch_buffered`
+per batch (handed to the admission thread), then :meth:`Run.finish` or
 :meth:`Run.abort`. Either ending writes the newest safe STATE, then the summary
 (docs/design.md, "Durability order").
 """
@@ -106,6 +107,11 @@ class Run:
         )
         self.prepare = preparer.prepare
         """Record → Message (the per-record path; see :meth:`Preparer.prepare`)."""
+        self.buffered: list[Message] = []
+        """Prepared records of every stream not yet dispatched, in input order: the sinks' one
+        batch. One list for all streams, so a full batch never sends a driver's later message
+        while an earlier one (of another stream) waits. Cleared in place: sinks keep its
+        ``append``."""
         self._admission = Admission(
             settings,
             lock=self._lock,
@@ -182,6 +188,14 @@ class Run:
         if self.stop_requested:
             raise Interrupted("interrupted by a signal")
         self._wait_for_room()
+
+    def dispatch_buffered(self) -> None:
+        """Dispatch every record waiting, of every stream, in input order (see ``buffered``)."""
+        buffered = self.buffered
+        if buffered:
+            messages = buffered.copy()
+            buffered.clear()
+            self.dispatch(messages)
 
     def add_tap_state(self, value: dict[str, Any]) -> None:
         """A tap STATE: tied to every record read before it."""
@@ -260,6 +274,9 @@ class Run:
         # Batches read before the cause are admitted when draining; otherwise they stay
         # unclaimed (nothing of theirs sent, STATE never covers them).
         self._admission.stop(admit_queued=drain)
+        also = self._admission.error
+        if also is not None and str(also) not in str(reason):  # e.g. a record found invalid
+            logger.warning("also stopped: %s", " ".join(str(also).split()) or type(also).__name__)
         if self.delivery is not None:
             if drain and self.delivery.fatal is None:
                 self.delivery.wait_idle()

@@ -153,7 +153,8 @@ HOOKS: tuple[Hook, ...] = (
         "singer_sdk.sinks.Sink",
         "_batch_records_read",
         None,
-        "what tally_record_read adds to; current_size and is_full read it",
+        "what tally_record_read adds to and mark_drained tallies and resets; current_size "
+        "reads it, and drain_one skips a sink at 0 (a sink whose records a sibling dispatched)",
     ),
 )
 

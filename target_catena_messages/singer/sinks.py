@@ -3,6 +3,13 @@
 Thin on purpose. Everything shared across streams (ledger, delivery, STATE) lives in the Run; the
 sink only knows its stream's key properties and when a batch is ready. A BatchSink, because the
 ledger claims a whole batch in one transaction (ledger work per batch, not per record).
+
+All sinks share one batch, the run's (:attr:`Run.buffered`), filled in input order: whichever
+sink is full (or drained for age or at the end) dispatches every stream's waiting records. Per
+stream batches would let a full stream send a driver's later message while an earlier one for
+the same driver still waits in another stream's batch. The SDK's per-sink counters stay, so its
+bookkeeping (records read and written, the record-count metric) is settled for every sink whose
+records a dispatch took.
 """
 
 from __future__ import annotations
@@ -35,12 +42,15 @@ class MessagesSink(BatchSink):
     ) -> None:
         self.run: Run = target.run
         # Off the SDK's batch context: singer-sdk logs the whole context at debug per record.
-        self._messages: list[Message] = []
+        self._buffered: list[Message] = self.run.buffered
+        self._keep = self._buffered.append
         self._max_size = int(target.config.get("batch_size_rows") or DEFAULT_BATCH_ROWS)
         self._uncounted = 0  # records taken by the lean path, not yet in the record-count metric
         super().__init__(target, stream_name, schema, key_properties)
         self._prepare = self.run.prepare
         self.key_names: list[str] = list(self.key_properties or [])
+        self._sharing: list[MessagesSink] = target.message_sinks
+        self._sharing.append(self)
 
     def setup(self) -> None:
         """SCHEMA time: refuse a stream that cannot produce messages."""
@@ -59,6 +69,11 @@ class MessagesSink(BatchSink):
         """
         return self._max_size
 
+    @property
+    def is_full(self) -> bool:
+        """The shared batch is full (the SDK's record path asks after each record)."""
+        return len(self._buffered) >= self._max_size
+
     def get_validator(self) -> None:
         """No validation against the tap's schema: the body is validated against Catena's.
 
@@ -71,27 +86,34 @@ class MessagesSink(BatchSink):
         """Keep the tap's values as they are: only ``message_time_field`` is ever parsed."""
 
     def process_record(self, record: dict[str, Any], context: dict[str, Any]) -> None:
-        """Prepare the record now (numbered in input order); send it with its batch."""
-        self._messages.append(self._prepare(self.stream_name, self.key_names, record))
+        """Prepare the record now (numbered in input order); send it with the shared batch."""
+        self._keep(self._prepare(self.stream_name, self.key_names, record))
 
     def take(self, record: dict[str, Any]) -> bool:
         """The target's lean path: what the SDK does around ``process_record``, minus the rest.
 
-        Tallies the record as ``tally_record_read`` would (``current_size`` drives the drain);
-        the record-count metric is brought up to date once per batch instead of per record.
-        Returns whether the batch is full.
+        Tallies the record as ``tally_record_read`` would (a sink with records read is drained
+        by ``drain_all``); the record-count metric is brought up to date once per batch instead
+        of per record. Returns whether the shared batch is full.
         """
-        self._messages.append(self._prepare(self.stream_name, self.key_names, record))
+        self._keep(self._prepare(self.stream_name, self.key_names, record))
         self._total_records_read += 1
         self._batch_records_read += 1
         self._uncounted += 1
-        return self._batch_records_read >= self._max_size
+        return len(self._buffered) >= self._max_size
 
     def process_batch(self, context: dict[str, Any]) -> None:
-        """Hand the batch to the run: one ledger claim, then concurrent delivery."""
-        if self._uncounted:
-            self.record_counter_metric.increment(self._uncounted)
-            self._uncounted = 0
-        messages, self._messages = self._messages, []
-        if messages:
-            self.run.dispatch(messages)
+        """Hand the shared batch to the run: one ledger claim, then concurrent delivery.
+
+        Every stream's waiting records go, in input order; the other sinks whose records they
+        include are marked drained here (the SDK marks this one), so ``drain_all`` skips them
+        and their counts stay right.
+        """
+        for sink in self._sharing:
+            if sink._uncounted:
+                sink.record_counter_metric.increment(sink._uncounted)
+                sink._uncounted = 0
+            if sink is not self and sink._batch_records_read:
+                sink.tally_record_written(sink._batch_records_read)
+                sink._batch_records_read = 0
+        self.run.dispatch_buffered()

@@ -62,6 +62,17 @@ _INPUT_ERRORS = (
 )
 
 
+def _is_input_error(exc: BaseException) -> bool:
+    """The input itself is broken (not a signal, a delivery failure or an admission decision).
+
+    Only then are the records read before the cause delivered first: an ``on_invalid_record:
+    fail`` or a refused credential must not send more.
+    """
+    return isinstance(exc, _INPUT_ERRORS) or (
+        isinstance(exc, ValueError) and not isinstance(exc, FatalError)
+    )
+
+
 # What the SDK's ``_remove_sdc_metadata_from_record`` drops from every record (singer-sdk 0.54).
 _SDC_FIELDS = frozenset(
     (
@@ -119,6 +130,8 @@ class TargetCatenaMessages(Target):
         self._input_done = False
         # Streams whose records take the lean path, to their sink (see _route_stream).
         self._direct: dict[str, MessagesSink] = {}
+        self.message_sinks: list[MessagesSink] = []
+        """Every sink made, replaced ones included: they share the run's batch (see sinks.py)."""
         self._max_age_seconds = 60 * self._MAX_RECORD_AGE_IN_MINUTES
 
     @classmethod
@@ -176,12 +189,31 @@ class TargetCatenaMessages(Target):
         except (FatalError, *_INPUT_ERRORS, ValueError) as exc:
             logger.error("%s", self._describe(exc))  # noqa: TRY400 - one line, no traceback
             logger.debug("details", exc_info=True)
+            if _is_input_error(exc):
+                self._hand_over_what_was_read()
             return self.run.abort(exc, drain=not isinstance(exc, Interrupted))
         except Exception as exc:
             logger.error("unexpected error: %s: %s", type(exc).__name__, exc)  # noqa: TRY400
             logger.debug("details", exc_info=True)
             return self.run.abort(exc)
         return self.exit_code if self.exit_code is not None else 0
+
+    def _hand_over_what_was_read(self) -> None:
+        """Bad input: the records read before the bad line still go out, then the run ends.
+
+        They are valid and the tap sent them; left in a sink's batch they would be neither sent
+        nor covered by STATE, and the next run would need the tap to send them again. A failure
+        here (a signal, a refused credential) must not hide the bad line: it is logged, and the
+        run still ends on the fatal path with the newest safe STATE.
+        """
+        try:
+            self.drain_all()
+        except Exception as exc:  # the bad line stays the cause of the exit
+            logger.warning(
+                "the records read before it were not all handed over: %s",
+                " ".join(str(exc).split()) or type(exc).__name__,
+            )
+            logger.debug("details", exc_info=True)
 
     def _describe(self, exc: BaseException) -> str:
         """One line naming the cause, and the input line when reading it caused the error."""
@@ -283,7 +315,7 @@ class TargetCatenaMessages(Target):
             self.logger.info(
                 "Target sink for '%s' is full. Current size is '%s'. Draining...",
                 sink.stream_name,
-                sink.current_size,
+                len(self.run.buffered),
             )
             self.drain_one(sink)
         if time.time() - self._last_full_drain_at > self._max_age_seconds:
