@@ -1,21 +1,21 @@
-"""Admission: which messages of a batch are sent, decided with the ledger. Its own thread.
+"""Admission: which messages of a batch are sent, decided with the ledger.
 
 For each batch: provider ids resolved to Catena user ids (body versions that need them), then
 one ledger transaction that claims (or, in a dry run, peeks at) every key, then the claimed
-messages go to delivery in input order. Every ledger claim and every submit to delivery happens
-on the *admission thread*, fed by one inbox: the reader puts each sink batch there, and the
-recorder puts the later copies of a key that must be decided afresh. Its own thread, because
-the reader may sit blocked on stdin while such copies wait: they would hold STATE back until
-the tap sent more (a tap that waits for STATE, or a quiet CDC stream, would never see it).
+messages go to delivery in input order. Two threads admit, one at a time under the admission
+lock: the *reader* admits each sink batch itself (inline: handing it to another thread would
+only add a GIL hand-over per batch, measured at several per cent of a dry run's CPU), and the
+*follow-up thread* admits the later copies of a key that the recorder hands back and re-polls
+the keys held by another process. That thread exists because the reader may sit blocked on
+stdin while such copies wait: they would hold STATE back until the tap sent more (a tap that
+waits for STATE, or a quiet stream, would never see it).
 
-Owned here: the inbox's consumer side, the keys held by another process (re-polled every
-couple of seconds whatever the input does) and the duplicates' change hints. Shared under the
-run lock with the recorder, which settles keys: the keys in flight (``pending``: key → later
-copies held behind them) and our live claims (``claimed``). A decision may be fatal
-(``on_invalid_record: fail``): the thread stops, keeps the error, and the reader raises it at
-its next look (:attr:`Admission.error`), which sends the run down its fatal path with the
-newest safe STATE. The rules kept here are in docs/design.md ("Exactly-once rules" 1, 4, 5, 6,
-7, 11).
+Shared under the run lock with the recorder, which settles keys: the keys in flight
+(``pending``: key → later copies held behind them) and our live claims (``claimed``). A decision
+may be fatal (``on_invalid_record: fail``): on the reader it raises at once; on the follow-up
+thread it stops that thread and is kept in :attr:`Admission.error`, which the reader raises at
+its next look. Either way the run takes its fatal path with the newest safe STATE. The rules
+kept here are in docs/design.md ("Exactly-once rules" 1, 4, 5, 6, 7, 11).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from enum import Enum
 
 from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.delivery.engine import Delivery
@@ -41,15 +40,6 @@ from target_catena_messages.settings import Settings
 logger = logging.getLogger(__name__)
 
 _ELSEWHERE_POLL = 2.0  # seconds between looks at keys another process is sending
-
-
-class _Wake(Enum):
-    FOLLOWUPS = "followups"  # the recorder handed copies back (or a quiet moment passed)
-
-
-_FOLLOWUPS = _Wake.FOLLOWUPS
-Inbox = Sequence[Message] | _Wake | None
-"""A sink batch, a wake-up for handed-back copies, or None: no more input, stop when told."""
 
 
 class Admission:
@@ -84,58 +74,51 @@ class Admission:
         self.pending: dict[Key, list[Message]] = {}  # run lock: key in flight -> later copies
         self.claimed: set[Key] = set()  # run lock: our live claims, their leases renewed
         self._followups: queue.SimpleQueue[list[Message]] = queue.SimpleQueue()  # from recorder
-        self._inbox: queue.SimpleQueue[Inbox] = queue.SimpleQueue()
+        self._wake: queue.SimpleQueue[bool] = queue.SimpleQueue()  # True: copies; False: stop
+        self._admitting = threading.Lock()  # one admitter at a time: reader or follow-up thread
         self._elsewhere: list[Message] = []
         self._last_elsewhere_poll = 0.0
         self._last_renewal = time.monotonic()  # recorder thread only
         self._duplicates: list[Message] = []  # this batch's, for _hint_changed_duplicates
-        self._stopping = False  # set by stop(): take no more batches
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="admission", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="follow-ups", daemon=True)
 
     def start(self) -> None:
-        """Start the admission thread."""
+        """Start the follow-up thread."""
         self._thread.start()
 
-    def submit(self, messages: Sequence[Message]) -> None:
-        """A sink batch (reader thread): admitted in the order batches are given."""
-        self._inbox.put(messages)
+    def admit_batch(self, messages: Sequence[Message]) -> None:
+        """A sink batch (reader thread): copies handed back first, then the batch, inline."""
+        with self._admitting:
+            self._admit_followups()
+            self._admit(messages)
 
     def hand_back(self, messages: list[Message]) -> None:
-        """Later copies of settled keys (recorder thread): decided afresh before the next batch."""
+        """Later copies of settled keys (recorder thread): decided afresh by admission."""
         self._followups.put(messages)
-        self._inbox.put(_FOLLOWUPS)
+        self._wake.put(True)
 
-    def stop(self, *, admit_queued: bool) -> None:
-        """End the thread: after the batches already given (``admit_queued``), or at once.
-
-        At once means after the transaction in progress: batches not yet admitted stay
-        unclaimed, so nothing of theirs was sent and STATE never covers them.
-        """
-        if not admit_queued:
-            self._stopping = True
-        self._inbox.put(None)
+    def stop(self) -> None:
+        """End the follow-up thread (after the transaction in progress); admit nothing more."""
+        self._wake.put(False)
         self._thread.join()
 
     def _loop(self) -> None:
         try:
             while True:
                 try:
-                    item = self._inbox.get(timeout=_ELSEWHERE_POLL)
+                    more = self._wake.get(timeout=_ELSEWHERE_POLL)
                 except queue.Empty:
-                    item = _FOLLOWUPS  # a quiet moment: still look at keys held elsewhere
-                if item is None:
+                    more = True  # a quiet moment: still look at keys held elsewhere
+                if not more:
                     return
-                if self._stopping:
-                    continue
-                self._admit_followups()  # first: they were read before any queued batch
-                if item is not _FOLLOWUPS:
-                    self.admit(item)
-                self.poll_elsewhere()
+                with self._admitting:
+                    self._admit_followups()
+                    self.poll_elsewhere()
         except BaseException as exc:  # noqa: BLE001 - the reader raises it on its next look
             self.error = exc
 
-    def admit(self, messages: Sequence[Message]) -> None:
+    def _admit(self, messages: Sequence[Message]) -> None:
         """Decide each message with the ledger (one transaction), send the new ones."""
         if self._resolve_ids:
             self._resolve_users([m for m in messages if m.unresolved is not None])
@@ -175,7 +158,7 @@ class Admission:
                 followups = self._followups.get_nowait()
             except queue.Empty:
                 return
-            self.admit(followups)
+            self._admit(followups)
 
     def poll_elsewhere(self) -> None:
         """Ask the ledger again about keys another process was sending (it may have died)."""

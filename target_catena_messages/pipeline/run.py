@@ -4,7 +4,7 @@ The run owns what lives for the whole process and is shared by all sinks: the le
 letters, the checkpointer, the report, the delivery engine, and the run lock (see the package
 docstring for the threads and the lock order). Reader thread: :meth:`Run.prepare` per record
 (kept in :attr:`Run.buffered`, one batch shared by every stream), :meth:`Run.dispatch_buffered`
-per batch (handed to the admission thread), then :meth:`Run.finish` or
+per batch (admitted inline; see :mod:`.admission`), then :meth:`Run.finish` or
 :meth:`Run.abort`. Either ending writes the newest safe STATE, then the summary
 (docs/design.md, "Durability order").
 """
@@ -182,9 +182,13 @@ class Run:
     # -- reader thread -----------------------------------------------------------------------
 
     def dispatch(self, messages: Sequence[Message]) -> None:
-        """One sink batch: to admission (its thread claims and sends), then wait for room."""
+        """One sink batch: decide each message with the ledger, send the new ones."""
         self._raise_if_failed()
-        self._admission.submit(messages)
+        self.critical = True  # a signal must not cut a claim transaction in two
+        try:
+            self._admission.admit_batch(messages)
+        finally:
+            self.critical = False
         if self.stop_requested:
             raise Interrupted("interrupted by a signal")
         self._wait_for_room()
@@ -232,7 +236,7 @@ class Run:
         """End of input: wait for every outcome, write the last STATE and the summary."""
         while not self._backlog.wait_until_empty(0.25):
             self._raise_if_failed()
-        self._admission.stop(admit_queued=True)
+        self._admission.stop()
         self._confirm()
         return self._close(fatal=None)
 
@@ -271,9 +275,7 @@ class Run:
         drain = drain and not self.stop_requested
         if self.delivery is not None and self.delivery.fatal is not None:
             drain = False
-        # Batches read before the cause are admitted when draining; otherwise they stay
-        # unclaimed (nothing of theirs sent, STATE never covers them).
-        self._admission.stop(admit_queued=drain)
+        self._admission.stop()  # nothing new is claimed after this
         also = self._admission.error
         if also is not None and str(also) not in str(reason):  # e.g. a record found invalid
             logger.warning("also stopped: %s", " ".join(str(also).split()) or type(also).__name__)
