@@ -60,11 +60,11 @@ class Message:
     this order, and each hand-over is a queue or lock (a happens-before edge):
 
     1. *prepare* (reader thread) sets every field up to ``unresolved``.
-    2. *admission* (the admission thread, after the batch came through its inbox, before the
-       message is submitted): a body whose version resolves provider ids gets its user ids
-       (``body``, ``errors``, ``expired``, ``fingerprint``, ``lane``, ``unresolved``,
-       ``lookup_failed``); a recovered claim sets ``recover``,
-       ``prior_claimed_at`` and ``maybe_sent``. Nothing of these changes after submit.
+    2. *admission* (the reader, or the follow-up thread for copies handed back; one at a time
+       under the admission lock; before the message is submitted): a body whose version
+       resolves provider ids gets its user ids (``body``, ``errors``, ``expired``,
+       ``fingerprint``, ``lane``, ``unresolved``, ``lookup_failed``); a recovered claim sets
+       ``recover``, ``prior_claimed_at`` and ``maybe_sent``. Nothing of these changes after submit.
     3. *delivery* (one worker at a time: a lane sends its head only) writes the attempt fields
        ``attempts``, ``first_sent_at``, ``last_sent_at``, ``maybe_sent`` until the Outcome.
     4. *the recorder* only reads, after the Outcome came through its queue.
