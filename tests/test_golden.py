@@ -157,13 +157,17 @@ RUN1_FAULTS: dict[str, Any] = {
     "rules": [
         LATENCY,
         # Which POST each hits is in requests.json; what they are there for:
-        {"kind": "status", "status": 503, "match": {"requests": [3, 4, 5]}},  # yard:1 gives up
+        {"kind": "status", "status": 503, "match": {"requests": [2, 3, 4]}},  # yard:1 gives up
+        {"kind": "status", "status": 503, "match": {"requests": [6]}},  # yard:2, so it retries
         {"kind": "drop", "match": {"requests": [7]}},  # yard:2's retry: adopted
         {"kind": "status", "status": 500, "match": {"requests": [10]}},  # alr:F1-2: resent
-        {"kind": "status", "status": 422, "match": {"requests": [13]}},  # alr:F2-1, a copy behind
-        {"kind": "status", "status": 500, "after_processing": True, "match": {"requests": [15]}},
-        {"kind": "reset", "match": {"requests": [18]}},  # yard:8: resent, then out of retries
-        {"kind": "status", "status": 429, "retry_after_seconds": 1, "match": {"requests": [22]}},
+        {"kind": "status", "status": 422, "match": {"requests": [12]}},  # alr:F2-1, a copy behind
+        # ord:R2, which the dead run never sent: adopted
+        {"kind": "status", "status": 500, "after_processing": True, "match": {"requests": [14]}},
+        {"kind": "reset", "match": {"requests": [15]}},  # yard:8: resent,
+        {"kind": "status", "status": 503, "match": {"requests": [16, 17]}},  # then out of retries
+        # ord:6: throttled, then sent
+        {"kind": "status", "status": 429, "retry_after_seconds": 1, "match": {"requests": [21]}},
         {"kind": "status", "status": 503, "match": {"probability": 0.12}},
     ],
 }
