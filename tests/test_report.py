@@ -350,10 +350,7 @@ def test_emit_summary_logs_each_line_with_the_figures_then_writes_the_json_line(
         "streams": {STREAM: {"confirmed": 1, "failed": 1, "pending": 0}},
     }
     with caplog.at_level(logging.INFO, logger="test.summary"):
-        data = emit_summary(
-            filled_report(),
-            log=log,
-            write_line=written.append,
+        lines, summary = filled_report().summary(
             dead_letter_path="output/dead-letters.jsonl",
             dead_letters_written=13,
             ledger_location="l",
@@ -362,6 +359,7 @@ def test_emit_summary_logs_each_line_with_the_figures_then_writes_the_json_line(
             elapsed=23.456,
             confirmation=confirmation,
         )
+        data = emit_summary(lines, summary, log=log, write_line=written.append)
     assert written == [json.dumps({"summary": data}, separators=(",", ":"))]
     records = [r for r in caplog.records if r.name == "test.summary"]
     assert records[0].getMessage().startswith("Catena delivery summary, run run-42")

@@ -220,7 +220,8 @@ class RunReport:
         ``dead_letters.written``. ``expired`` stays as a field of its own as well.
 
         Each line reads on its own (a stage names the dead-lettering it counts): log
-        collectors such as Meltano strip the indentation. :func:`emit_summary` writes them.
+        collectors such as Meltano strip the indentation. :func:`emit_summary` writes them. The
+        confirmation block follows when ``confirmation`` is given.
         """
         failed = _failed_by_stream(confirmation)
         total = self.totals()
@@ -260,21 +261,17 @@ class RunReport:
             for k, v in http_ordered.items()
         )
         lines.extend(_align(rows))
+        if confirmation is not None:
+            lines += confirmation_lines(confirmation)
         return lines, data
 
 
 def emit_summary(
-    report: RunReport,
+    lines: list[str],
+    data: dict[str, Any],
     *,
     log: logging.Logger,
     write_line: Callable[[str], None],
-    dead_letter_path: str,
-    dead_letters_written: int,
-    ledger_location: str,
-    http: Mapping[str, float],
-    exit_code: int,
-    elapsed: float,
-    confirmation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the end-of-run summary: log records for people and pipelines, then the JSON line.
 
@@ -282,20 +279,10 @@ def emit_summary(
     records, so the summary goes through logging: a record per line (readable in any log
     format), the first carrying every figure as extra fields (``--log-format=json`` shows them
     as fields of that event). The final ``{"summary": ...}`` line follows, unchanged, for
-    scripts that read the target's stderr directly. Returns the summary object.
+    scripts that read the target's stderr directly. Takes what :meth:`RunReport.summary`
+    returns; returns the summary object.
     """
-    lines, data = report.summary(
-        dead_letter_path=dead_letter_path,
-        dead_letters_written=dead_letters_written,
-        ledger_location=ledger_location,
-        http=http,
-        exit_code=exit_code,
-        elapsed=elapsed,
-        confirmation=confirmation,
-    )
-    if confirmation is not None:
-        lines += confirmation_lines(confirmation)
-    level = logging.INFO if exit_code == 0 else logging.WARNING
+    level = logging.INFO if data["exit_code"] == 0 else logging.WARNING
     log.log(level, "%s", lines[0], extra={"catena_summary": data, **_flat(data)})
     for line in lines[1:]:
         log.log(level, "%s", line)

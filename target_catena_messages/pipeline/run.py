@@ -304,10 +304,7 @@ class Run:
         ):
             exit_code = 2
         self.ledger.close()
-        emit_summary(
-            self.report,
-            log=logger,
-            write_line=self._stderr,
+        lines, data = self.report.summary(
             dead_letter_path=str(self.dead_letters.path),
             dead_letters_written=self.dead_letters.count,
             ledger_location=self.ledger.location,
@@ -316,6 +313,7 @@ class Run:
             elapsed=time.monotonic() - self._started,
             confirmation=self._confirmation,
         )
+        emit_summary(lines, data, log=logger, write_line=self._stderr)
         return exit_code
 
 
