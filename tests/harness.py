@@ -13,7 +13,26 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from target_catena_messages.catena.auth import ClientCredentialsTokenProvider
+from target_catena_messages.catena.client import CatenaClient, make_session
+
+SANDBOX_SECRET = "s3cret-test-value-0123456789"
+_Client = TypeVar("_Client", bound=CatenaClient)
+
+
+def sandbox_client(url: str, cls: type[_Client], *, pool: int = 8) -> _Client:
+    """A real Catena client for the sandbox at ``url``, with client credentials."""
+    session = make_session(pool)
+    tokens = ClientCredentialsTokenProvider(
+        session,
+        f"{url}/realms/catena/protocol/openid-connect/token",
+        "test-client",
+        SANDBOX_SECRET,
+        timeout=5,
+    )
+    return cls(url, tokens, session, timeout=5)
 
 
 @dataclass

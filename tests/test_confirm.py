@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from target_catena_messages.catena.auth import ClientCredentialsTokenProvider
-from target_catena_messages.catena.client import Accepted, CatenaClient, Failure, make_session
+from target_catena_messages.catena.client import Accepted, CatenaClient, Failure
 from target_catena_messages.dead_letters import DeadLetterWriter, read_dead_letters
 from target_catena_messages.ledger import ConfirmedStatus
 from target_catena_messages.ops.confirm import (
@@ -23,12 +22,11 @@ from target_catena_messages.ops.confirm import (
     summary_counts,
 )
 from target_catena_messages.pipeline.report import confirmation_lines
-from tests.harness import run_target, sandbox_config, singer_lines
+from tests.harness import run_target, sandbox_client, sandbox_config, singer_lines
 
 CONN_A = "11111111-1111-4111-8111-111111111111"
 CONN_B = "22222222-2222-4222-8222-222222222222"
 STREAM = "public-dispatch_messages"
-SECRET = "s3cret-test-value-0123456789"
 
 
 class CountingClient(CatenaClient):
@@ -62,15 +60,7 @@ class CountingClient(CatenaClient):
 
 
 def make_client(sandbox: Any) -> CountingClient:
-    session = make_session(16)
-    tokens = ClientCredentialsTokenProvider(
-        session,
-        f"{sandbox.url}/realms/catena/protocol/openid-connect/token",
-        "test-client",
-        SECRET,
-        timeout=5,
-    )
-    return CountingClient(sandbox.url, tokens, session, timeout=5)
+    return sandbox_client(sandbox.url, CountingClient, pool=16)
 
 
 def queue_messages(client: CatenaClient, n: int) -> list[Pending]:

@@ -13,30 +13,21 @@ from typing import Any
 
 import pytest
 
-from target_catena_messages.catena.auth import ClientCredentialsTokenProvider
-from target_catena_messages.catena.client import CatenaClient, make_session
+from target_catena_messages.catena.client import CatenaClient
 from target_catena_messages.catena.retry import RejectionBreaker, RetryPolicy
 from target_catena_messages.delivery.engine import Delivery, FairSlots
 from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.errors import FatalError
 from target_catena_messages.outcome import Message, Outcome, Resolution
+from tests.harness import sandbox_client
 
 CONN_A = "11111111-1111-4111-8111-111111111111"
 CONN_B = "22222222-2222-4222-8222-222222222222"
-SECRET = "s3cret-test-value-0123456789"
 QUICK = RetryPolicy(max_retries=20, base_seconds=0.01, cap_seconds=0.05)
 
 
 def make_client(sandbox: Any) -> CatenaClient:
-    session = make_session(8)
-    tokens = ClientCredentialsTokenProvider(
-        session,
-        f"{sandbox.url}/realms/catena/protocol/openid-connect/token",
-        "test-client",
-        SECRET,
-        timeout=5,
-    )
-    return CatenaClient(sandbox.url, tokens, session, timeout=5)
+    return sandbox_client(sandbox.url, CatenaClient)
 
 
 def message(seq: int, conn: str, driver: str) -> Message:
