@@ -25,7 +25,6 @@ from typing import Any
 
 from target_catena_messages import jsonutil
 from target_catena_messages.outcome import Stage
-from target_catena_messages.settings import default_paths
 
 logger = logging.getLogger(__name__)
 
@@ -208,11 +207,6 @@ def read_dead_letters(path: Path) -> Iterator[dict[str, Any]]:
                 # Bad file content, not a caller passing a wrong type: ValueError is right.
                 raise ValueError(f"{path}:{number}: not a JSON object")  # noqa: TRY004
             yield letter
-
-
-def default_dead_letter_path(env: Mapping[str, str]) -> Path:
-    """The default ``dead_letter_path`` for this environment (see ``settings.default_paths``)."""
-    return default_paths(env).dead_letter_path
 
 
 def _field_name(field: Any) -> str | None:

@@ -13,9 +13,9 @@ import pytest
 
 from target_catena_messages.dead_letters import (
     DeadLetterWriter,
-    default_dead_letter_path,
     read_dead_letters,
 )
+from target_catena_messages.settings import default_paths
 
 FIELDS = [
     "at",
@@ -260,11 +260,13 @@ def test_reader_skips_blank_lines_and_names_bad_ones(tmp_path: Path) -> None:
         list(read_dead_letters(path))
 
 
+def _default_path(env: dict[str, str]) -> Path:
+    return default_paths(env).dead_letter_path
+
+
 def test_default_path_follows_meltano_project_root(tmp_path: Path) -> None:
-    assert default_dead_letter_path({"MELTANO_PROJECT_ROOT": str(tmp_path)}) == (
+    assert _default_path({"MELTANO_PROJECT_ROOT": str(tmp_path)}) == (
         tmp_path / ".meltano" / "target-catena-messages" / "dead-letters.jsonl"
     )
-    assert default_dead_letter_path({}) == Path("catena-dead-letters.jsonl")
-    assert default_dead_letter_path({"MELTANO_PROJECT_ROOT": ""}) == Path(
-        "catena-dead-letters.jsonl"
-    )
+    assert _default_path({}) == Path("catena-dead-letters.jsonl")
+    assert _default_path({"MELTANO_PROJECT_ROOT": ""}) == Path("catena-dead-letters.jsonl")

@@ -8,7 +8,6 @@ import pytest
 
 from target_catena_messages.catena.auth import require_safe_url
 from target_catena_messages.catena.errors import ClientConfigError
-from target_catena_messages.dead_letters import default_dead_letter_path
 from target_catena_messages.errors import ConfigError
 from target_catena_messages.settings import Settings, default_paths
 
@@ -67,7 +66,6 @@ def test_default_paths_inside_and_outside_a_meltano_project(tmp_path: Path) -> N
             default_paths(env).dead_letter_path,
             default_paths(env).ledger_url,
         )
-        assert default_dead_letter_path(env) == default_paths(env).dead_letter_path
     assert (Settings().dead_letter_path, Settings().ledger_url) == (
         outside.dead_letter_path,
         outside.ledger_url,
