@@ -85,11 +85,12 @@ class Claims:
         at = utc(now)
         values = {"lease_until": at + self.lease, "updated_at": at}
         renewed = self._store.write(lambda conn: self._update_own_claims(conn, keys, values))
-        if renewed < len(set(keys)):
+        held = len(set(keys))
+        if renewed < held:
             logger.warning(
                 "%d of %d ledger claims were no longer held by this run when renewed",
-                len(set(keys)) - renewed,
-                len(set(keys)),
+                held - renewed,
+                held,
             )
 
     def release(self, keys: Sequence[Key]) -> None:

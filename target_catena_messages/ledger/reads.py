@@ -36,7 +36,7 @@ class Reads:
 
     def get_many(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
         """Rows of ``keys`` read in one transaction; keys without a row are absent."""
-        return self._store.lookup(list(set(keys)))
+        return self._store.lookup(keys)  # lookup's chunks drop repeated keys
 
     def operation_ids_in_use(self, operation_ids: Sequence[str]) -> set[str]:
         """Which of these operation ids some key in the ledger already owns."""

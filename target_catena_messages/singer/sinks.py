@@ -44,7 +44,7 @@ class MessagesSink(BatchSink):
         # Off the SDK's batch context: singer-sdk logs the whole context at debug per record.
         self._buffered: list[Message] = self.run.buffered
         self._keep = self._buffered.append
-        self._max_size = int(target.config.get("batch_size_rows") or DEFAULT_BATCH_ROWS)
+        self._max_size = target.batch_size
         self._uncounted = 0  # records taken by the lean path, not yet in the record-count metric
         super().__init__(target, stream_name, schema, key_properties)
         self._prepare = self.run.prepare

@@ -48,7 +48,7 @@ from target_catena_messages.pipeline.run import Interrupted, Run
 from target_catena_messages.redact import Redactor
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
 from target_catena_messages.singer.reader import MessageReader
-from target_catena_messages.singer.sinks import MessagesSink
+from target_catena_messages.singer.sinks import DEFAULT_BATCH_ROWS, MessagesSink
 from target_catena_messages.tuning import tune_gc, tune_malloc
 
 logger = logging.getLogger("target_catena_messages")
@@ -120,11 +120,12 @@ class TargetCatenaMessages(Target):
         self.settings = Settings.from_config(self.config)
         self.redactor = Redactor(self.settings.secrets)
         self.redactor.install()
+        self.batch_size = int(self.config.get("batch_size_rows") or DEFAULT_BATCH_ROWS)
         self.run = Run(
             self.settings,
             write_state=self.write_state,
             redactor=self.redactor,
-            batch_size=int(self.config.get("batch_size_rows") or 1000),
+            batch_size=self.batch_size,
         )
         self.exit_code: int | None = None
         self._input_done = False
