@@ -69,8 +69,6 @@ class RedactingTokens:
 
 
 def _fatal(exc: CredentialsRefused) -> CredentialsRefused:
-    if isinstance(exc, FatalError):
-        return exc
     if isinstance(exc, TokenNotRefreshable):
         return FatalTokenNotRefreshable(str(exc))
     return FatalCredentialsRefused(str(exc))

@@ -23,7 +23,7 @@ from tests.harness import sandbox_client
 
 CONN_A = "11111111-1111-4111-8111-111111111111"
 CONN_B = "22222222-2222-4222-8222-222222222222"
-QUICK = RetryPolicy(max_retries=20, base_seconds=0.01, cap_seconds=0.05)
+QUICK = RetryPolicy(max_retries=20, base_seconds=0.01, cap_seconds=0.05, max_ambiguous_resends=1)
 
 
 def make_client(sandbox: Any) -> CatenaClient:
@@ -59,7 +59,6 @@ class Engine:
             "policy": QUICK,
             "throttle": Throttle(),
             "max_concurrency": 4,
-            "max_ambiguous_resends": 1,
             "max_consecutive_rejections": 1000,
             **kwargs,
         }

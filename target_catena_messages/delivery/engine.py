@@ -32,7 +32,6 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -105,7 +104,6 @@ class Delivery:
         policy: RetryPolicy,
         throttle: Throttle,
         max_concurrency: int,
-        max_ambiguous_resends: int | None = None,
         max_consecutive_rejections: int,
         is_sync: bool = False,
         lookup: OperationLookup | None = None,
@@ -113,8 +111,6 @@ class Delivery:
     ) -> None:
         self._client = client
         self._on_outcome = on_outcome
-        if max_ambiguous_resends is not None:
-            policy = replace(policy, max_ambiguous_resends=max_ambiguous_resends)
         self._policy = policy
         self._throttle = throttle
         self._is_sync = is_sync
