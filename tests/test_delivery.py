@@ -7,6 +7,7 @@ whose order is forced by events, never by sleeps; the breaker is pure.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -124,6 +125,7 @@ def test_each_driver_gets_its_messages_in_order_through_faults(engine_factory: A
     for body in box.accepted_bodies():
         seq = int(body["message_text"].split()[1])
         sent[f"{body['connection_id']}|{body['source_recipient_ids'][0]}"].append(seq)
+    assert sorted(s for seqs in sent.values() for s in seqs) == list(range(1, 61))  # each once
     reported: dict[str, list[int]] = defaultdict(list)
     for o in outcomes:
         reported[o.message.lane].append(o.message.seq)
@@ -153,11 +155,12 @@ def test_breaker_stops_the_engine_after_rejections_in_a_row(engine_factory: Any)
 # -- FairSlots -------------------------------------------------------------------------------
 
 
-def _wait_for(condition: Any) -> None:
-    """Spin on ``condition`` (a state the threads reach, not a time); the test timeout bounds it."""
-    done = threading.Event()
+def _wait_for(condition: Any, limit: float = 30.0) -> None:
+    """Spin on ``condition`` (a state the threads reach); fail, not hang, if it never comes."""
+    deadline = time.monotonic() + limit
     while not condition():
-        done.wait(0.001)
+        assert time.monotonic() < deadline, "the threads never reached the state"
+        time.sleep(0.001)
 
 
 def test_fair_slots_hand_a_released_slot_to_the_longest_waiter() -> None:

@@ -822,6 +822,7 @@ class GoldenRun:
         if os.environ.get("UPDATE_GOLDEN") == "1":
             covered()  # never pin a scenario that no longer takes the paths it is there for
             write_golden(self.results, golden_dir)
+            pytest.skip("golden files rewritten: review the diff, then run without UPDATE_GOLDEN")
         else:  # the diff first: it says what changed, the coverage checks only that something did
             compare_with_golden(self.results, golden_dir, out_dir)
             covered()

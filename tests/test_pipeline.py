@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from pathlib import Path
 
 from target_catena_messages.pipeline.backlog import Backlog
@@ -23,9 +25,12 @@ def test_backlog_has_room_up_to_its_limit_and_wakes_the_reader_when_records_sett
     assert not backlog.wait_until_empty(0.01)
     settler = threading.Timer(0.05, backlog.settled, args=(3,))
     settler.start()
-    while not backlog.wait_until_empty(5.0):
-        pass
+    # settled() must wake the waiter: without the notify this waits out the whole 30 s.
+    started = time.monotonic()
+    assert not backlog.wait_until_empty(30.0)
+    assert time.monotonic() - started < 30.0, "settled() did not wake the waiter"
     settler.join()
+    assert backlog.wait_until_empty(0.0)
     assert backlog.unresolved == 0
     assert backlog.wait_for_room(0.0)
 
@@ -64,7 +69,8 @@ def test_a_later_copy_behind_a_would_send_key_is_decided_afresh_by_admission(
     run.dispatch(prepared)
     assert run.finish() == 0
     assert run.report.totals().would_send == 2
-    assert lines  # the summary was written
+    [line] = lines  # the summary's JSON line, and nothing else
+    assert json.loads(line)["summary"]["totals"]["would_send"] == 2
 
 
 def test_a_later_copy_behind_a_dead_lettered_key_is_dead_lettered_on_its_own(
