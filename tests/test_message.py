@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from target_catena_messages import jsonutil
 from target_catena_messages.body import validate, versions
-from target_catena_messages.body.build import BodyRules, build_body, recipient_lane
+from target_catena_messages.body.build import BodyRules, build_body
 from target_catena_messages.body.record import (
     body_hash_key,
     check_stream_schema,
@@ -394,15 +394,16 @@ def test_body_hash_key_is_canonical() -> None:
 
 
 def test_recipient_lanes() -> None:
-    assert recipient_lane(CATENA_BODY) == f"{CONN}|{RECIPIENT}"
-    assert recipient_lane(SOURCE_BODY) == f'{CONN}|["drv-1","drv-2"]'
+    catena_lane, source_lane = versions.get("catena_ids").lane, versions.get("source_ids").lane
+    assert catena_lane(CATENA_BODY) == f"{CONN}|{RECIPIENT}"
+    assert source_lane(SOURCE_BODY) == f'{CONN}|["drv-1","drv-2"]'
     shuffled = {**SOURCE_BODY, "source_recipient_ids": ["drv-1", "drv-2"]}
-    assert recipient_lane(shuffled) == recipient_lane(SOURCE_BODY)
+    assert source_lane(shuffled) == source_lane(SOURCE_BODY)
     group = {"connection_id": CONN, "recipient_group": "driver", "source_recipient_ids": []}
-    assert recipient_lane(group) == f"{CONN}|driver"
-    assert recipient_lane({"connection_id": CONN}) == f"{CONN}|"
-    assert recipient_lane({}) == "|"
-    assert recipient_lane({**SOURCE_BODY, "connection_id": CONN2}) != recipient_lane(SOURCE_BODY)
+    assert source_lane(group) == f"{CONN}|driver"
+    assert source_lane({"connection_id": CONN}) == f"{CONN}|"
+    assert source_lane({}) == "|"
+    assert source_lane({**SOURCE_BODY, "connection_id": CONN2}) != source_lane(SOURCE_BODY)
 
 
 # --- SCHEMA-time checks -----------------------------------------------------------------------

@@ -15,8 +15,6 @@ from target_catena_messages.body import versions
 from target_catena_messages.body.validate import SchemaVersion
 from target_catena_messages.body.versions import BodyVersion
 
-SCHEMA_VERSIONS: tuple[SchemaVersion, ...] = versions.names()
-
 
 @dataclass(frozen=True)
 class BodyRules:
@@ -72,23 +70,3 @@ def build_body(record: Mapping[str, Any], rules: BodyRules) -> dict[str, Any]:
         if name not in body:
             body[name] = value
     return body
-
-
-def recipient_lane(body: Mapping[str, Any], version: BodyVersion | None = None) -> str:
-    """The ordering lane: same (connection, recipient), same lane, one message at a time.
-
-    Prefer ``version.lane``; without a version the lane fields of every version are tried (a
-    body holds the fields of one version only, so the result is the same).
-    """
-    return (version or _ANY_VERSION).lane(body)
-
-
-class _AnyVersion(BodyVersion):
-    """Lanes for a caller that does not say its version (not registered: it has no name)."""
-
-    lane_fields = tuple(
-        dict.fromkeys(name for v in map(versions.get, SCHEMA_VERSIONS) for name in v.lane_fields)
-    )
-
-
-_ANY_VERSION = _AnyVersion()
