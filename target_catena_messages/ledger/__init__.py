@@ -26,11 +26,8 @@ letters), ``reads`` (rows and counts for reports, re-drive and recovery) and ``c
 :class:`Ledger` that callers open, which hands each call to its job).
 """
 
-from target_catena_messages.ledger.claims import Claims
 from target_catena_messages.ledger.core import Ledger
 from target_catena_messages.ledger.decision import holder_alive, new_run_id
-from target_catena_messages.ledger.outcomes import Outcomes
-from target_catena_messages.ledger.reads import Reads
 from target_catena_messages.ledger.records import (
     ACCEPTED,
     CLAIMED,
@@ -58,7 +55,6 @@ __all__ = [
     "C",
     "ClaimRequest",
     "ClaimResult",
-    "Claims",
     "ConfirmedStatus",
     "Decision",
     "Key",
@@ -66,8 +62,6 @@ __all__ = [
     "LedgerError",
     "LedgerOutcome",
     "LedgerReadOnlyError",
-    "Outcomes",
-    "Reads",
     "holder_alive",
     "new_run_id",
     "retryable_fingerprint",

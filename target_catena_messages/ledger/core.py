@@ -33,15 +33,14 @@ from target_catena_messages.ledger.store import Store
 class Ledger:
     """Claims, outcomes and leases of message keys; open it with :meth:`Ledger.open`.
 
-    ``claims``, ``outcomes`` and ``reads`` are the jobs behind the methods, for a caller that
-    needs only one of them.
+    A facade: each method forwards to the job that owns its SQL (``claims``, ``outcomes``,
+    ``reads``), so callers keep one object while the jobs stay in modules of their own.
     """
 
     def __init__(self, store: Store, *, run_id: str, lease_seconds: float) -> None:
         self._store = store
         self.location = store.location
         self.run_id = run_id
-        self.read_only = store.read_only
         self.lease = timedelta(seconds=lease_seconds)
         self.claims = Claims(store, run_id=run_id, lease=self.lease)
         self.outcomes = Outcomes(store, run_id=run_id)
