@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 
-from target_catena_messages.body.record import record_key
+from target_catena_messages.body.record import KEY_FIELD, is_redrive_schema, record_key
 from target_catena_messages.ledger import ClaimRequest, Decision, Ledger, LedgerOutcome
 from target_catena_messages.ops import redrive
 from target_catena_messages.ops.redrive import (
-    KEY_FIELD,
     Selection,
     newest_per_key,
     singer_messages,
@@ -370,9 +369,9 @@ def test_one_redriven_record_is_one_record(
 def test_redrive_schema_is_told_apart_by_its_reserved_key() -> None:
     letters = [letter("7")]
     schema = next(singer_messages(letters))
-    assert redrive.is_redrive_schema(schema)
-    assert not redrive.is_redrive_schema({**schema, "key_properties": ["id"]})
-    assert not redrive.is_redrive_schema({**schema, "key_properties": [KEY_FIELD, "id"]})
+    assert is_redrive_schema(schema)
+    assert not is_redrive_schema({**schema, "key_properties": ["id"]})
+    assert not is_redrive_schema({**schema, "key_properties": [KEY_FIELD, "id"]})
 
 
 # -- selection and the stream (pure) -----------------------------------------------------------

@@ -48,6 +48,19 @@ def body_hash_key(body: Mapping[str, Any]) -> str:
     return jsonutil.sha256_hex(body)
 
 
+KEY_FIELD = "_catena_key"
+"""The field that carries a re-driven record's original key (its stream's only key property)."""
+
+
+def is_redrive_schema(message: Mapping[str, Any]) -> bool:
+    """Whether a SCHEMA message announces a re-drive stream (keyed by ``_catena_key`` alone).
+
+    No tap keys a stream by that reserved name, so the target can tell a re-drive from the
+    original stream of the same name and leave its records unmapped.
+    """
+    return message.get("key_properties") == [KEY_FIELD]
+
+
 def check_stream_schema(
     stream: str,
     properties: Mapping[str, Any],

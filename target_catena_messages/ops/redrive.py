@@ -9,9 +9,9 @@ retries): it ends their dead-letter status in the ledger first — an ``ambiguou
 ambiguous claim, so the target looks for an existing operation before any resend.
 
 Dead letters hold records AFTER stream maps, so the target never maps a re-drive stream again
-(``is_redrive_schema``): a re-drive sends each record as it was when it failed, whatever the
-current ``stream_maps`` say, and needs no config without them. A stream-map mistake is fixed by
-running the tap again instead (the ledger prevents duplicates).
+(``body.record.is_redrive_schema``): a re-drive sends each record as it was when it failed,
+whatever the current ``stream_maps`` say, and needs no config without them. A stream-map mistake
+is fixed by running the tap again instead (the ledger prevents duplicates).
 
 Every re-drive appends one line per record to a re-drive log (JSON lines) before emitting
 anything, so there is a record of what was handed to the target, when, and from which file; the
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from target_catena_messages import jsonutil
+from target_catena_messages.body.record import KEY_FIELD
 from target_catena_messages.body.validate import MESSAGE_TEXT
 from target_catena_messages.dead_letters import STAGES, read_dead_letters
 from target_catena_messages.errors import ConfigError, FatalError
@@ -41,8 +42,6 @@ from target_catena_messages.pipeline.report import plural
 
 logger = logging.getLogger(__name__)
 
-KEY_FIELD = "_catena_key"
-"""The field that carries a re-driven record's original key (its stream's only key property)."""
 DEFAULT_STAGES = ("validation", "api", "confirmation")
 """Stages re-driven unless ``--stage`` says otherwise; ``ambiguous`` and ``expired`` must be asked
 for: an ambiguous message may have reached the driver, an expired one is too old to matter."""
@@ -74,15 +73,6 @@ class Plan:
     letters: list[dict[str, Any]]
     already_accepted: list[Key] = field(default_factory=list)
     rearmed: dict[Key, str] = field(default_factory=dict)  # key -> "removed" | "ambiguous"
-
-
-def is_redrive_schema(message: Mapping[str, Any]) -> bool:
-    """Whether a SCHEMA message announces a re-drive stream (keyed by ``_catena_key`` alone).
-
-    No tap keys a stream by that reserved name, so the target can tell a re-drive from the
-    original stream of the same name and leave its records unmapped.
-    """
-    return message.get("key_properties") == [KEY_FIELD]
 
 
 def newest_per_key(letters: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -42,8 +42,8 @@ from singer_sdk.plugin_base import _ConfigInput
 from singer_sdk.singerlib.exceptions import InvalidInputLine
 
 from target_catena_messages import jsonutil
+from target_catena_messages.body.record import is_redrive_schema
 from target_catena_messages.errors import FatalError
-from target_catena_messages.ops.redrive import is_redrive_schema
 from target_catena_messages.pipeline.run import Interrupted, Run
 from target_catena_messages.redact import Redactor
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
