@@ -27,7 +27,7 @@ from target_catena_messages.dead_letters import DeadLetterWriter
 from target_catena_messages.delivery.engine import Delivery
 from target_catena_messages.delivery.lookup import CatenaOperationLookup
 from target_catena_messages.delivery.throttle import Throttle
-from target_catena_messages.errors import FatalError
+from target_catena_messages.errors import FatalError, FatalKind
 from target_catena_messages.ledger import Ledger, new_run_id
 from target_catena_messages.ops.confirm import (
     confirm_operations,
@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 class Interrupted(FatalError):
     """SIGTERM or SIGINT: stop taking records, finish what is in flight, write the safe STATE."""
+
+    kind = FatalKind.INTERRUPTED
 
 
 class Run:
