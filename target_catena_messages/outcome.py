@@ -64,9 +64,12 @@ class Message:
        under the admission lock; before the message is submitted): a body whose version
        resolves provider ids gets its user ids (``body``, ``errors``, ``expired``,
        ``fingerprint``, ``lane``, ``unresolved``, ``lookup_failed``); a recovered claim sets
-       ``recover``, ``prior_claimed_at`` and ``maybe_sent``. Nothing of these changes after submit.
+       ``recover``, ``prior_claimed_at`` and ``maybe_sent``; every claim sets the ledger's
+       counters ``ambiguous_resends`` and ``outage_exits``; an expired record whose key has an
+       open claim sets ``lookup_only``. Nothing of these changes after submit.
     3. *delivery* (one worker at a time: a lane sends its head only) writes the attempt fields
-       ``attempts``, ``first_sent_at``, ``last_sent_at``, ``maybe_sent`` until the Outcome.
+       ``attempts``, ``first_sent_at``, ``last_sent_at``, ``last_ended_at``, ``maybe_sent`` and
+       ``ambiguous_resends`` until the Outcome.
     4. *the recorder* only reads, after the Outcome came through its queue.
     """
 
@@ -89,7 +92,11 @@ class Message:
     attempts: int = 0  # POSTs made this run
     first_sent_at: datetime | None = None  # wall clock, for the operation lookup's window
     last_sent_at: datetime | None = None
+    last_ended_at: datetime | None = None  # when the last POST's answer (or failure) came back
     maybe_sent: bool = False  # some request may have reached Catena: the claim is never released
+    ambiguous_resends: int = 0  # resends after ambiguous attempts, all runs (the ledger counts)
+    outage_exits: int = 0  # earlier runs that ended for an outage with this key in flight
+    lookup_only: bool = False  # expired, but an open claim may have sent it: look up, never send
 
     @property
     def connection_id(self) -> str | None:
