@@ -174,6 +174,19 @@ def _exception_chain(exc: BaseException, limit: int = 32) -> Iterator[BaseExcept
         queue.extend(e for e in linked if isinstance(e, BaseException))
 
 
+def signals_outage(status: int | None) -> bool:
+    """Whether a failure may mean Catena (or the way to it) is down, not that one request failed.
+
+    No answer at all (a network error or an unreachable token endpoint), or a gateway's 502, 503
+    or 504. Never a 429 (a rate limit answers: Catena is up) nor a 500 (one request broke).
+    Only a hint: the run confirms an outage with a probe that carries no message.
+    """
+    return status is None or status in _OUTAGE_STATUSES
+
+
+_OUTAGE_STATUSES = frozenset({502, 503, 504})
+
+
 def retry_after_seconds(
     body: Any, headers: Mapping[str, str], *, now: datetime | None = None
 ) -> float | None:

@@ -255,6 +255,37 @@ class CatenaClient:
         params += [("resource", "message"), ("operation", "create")]
         return self._pages("operations", self._operations_url, params, decode=_summary_page)
 
+    def probe(self, connection_id: str | None = None) -> Failure | None:
+        """A request that carries no message: None when Catena answered it as it should.
+
+        The token (fetched when none is held), then a size-1 read of the operation list, the
+        read exactly-once depends on. Used at start (the credentials and URLs work before any
+        input is read) and during an outage (is Catena back?). A 2xx whose body is not a page
+        of operations (a proxy's or captive portal's answer) is a Failure too.
+
+        Raises:
+            CredentialsRefused: The credentials were refused while fetching the token (fatal).
+        """
+        params = [("resource", "message"), ("operation", "create"), ("size", "1")]
+        if connection_id is not None:
+            params.append(("connection_id", connection_id))
+        started = time.monotonic()
+        result = self._send("operations", "GET", self._operations_url, params=params)
+        elapsed = time.monotonic() - started
+        if isinstance(result, Failure):
+            return replace(result, elapsed=elapsed)
+        status, page = result
+        if isinstance(page, dict) and isinstance(page.get("items"), list):
+            return None
+        return Failure(
+            FailureKind.AMBIGUOUS,
+            status,
+            _api_error(page, b""),
+            f"HTTP {status} from {self._operations_url} is not a page of operations",
+            None,
+            elapsed,
+        )
+
     def list_users(
         self, connection_id: str | None, source_ids: Sequence[str]
     ) -> list[dict[str, Any]]:
