@@ -676,6 +676,15 @@ def test_a_rejection_gives_up_at_once_and_feeds_the_breaker() -> None:
     assert policy.increment(REJECTION, 422).fatal is None  # type: ignore[union-attr]
 
 
+def test_rejections_without_a_status_also_make_a_streak() -> None:
+    """A request refused before any answer (no status) repeats like any other status."""
+    breaker = RejectionBreaker(2)
+    assert breaker.rejected("conn", None) is None
+    assert breaker.rejected("conn", None) is not None
+    assert breaker.rejected("other", 422) is None
+    assert breaker.rejected("other", None) is None  # a different status restarts the streak
+
+
 def test_a_read_retries_ambiguous_failures_and_counts_429s() -> None:
     read = RetryPolicy(max_retries=2, idempotent=True, count_throttled=True, jitter=False)
     first = read.increment(AMBIGUOUS, 500, None)

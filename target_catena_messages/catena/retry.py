@@ -269,14 +269,14 @@ class RejectionBreaker:
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._lock = threading.Lock()
-        self._streaks: dict[str | None, tuple[int, int]] = {}
+        self._streaks: dict[str | None, tuple[int | None, int]] = {}
 
     def rejected(self, connection_id: str | None, status: int | None) -> str | None:
         """Count a rejection; return the fatal reason once the limit is reached."""
         with self._lock:
             last, count = self._streaks.get(connection_id, (None, 0))
             count = count + 1 if last == status else 1
-            self._streaks[connection_id] = (status or 0, count)
+            self._streaks[connection_id] = (status, count)
         if count >= self._limit:
             return (
                 f"{count} rejections in a row with status {status} on connection {connection_id}"
