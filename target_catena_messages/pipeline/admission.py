@@ -10,6 +10,10 @@ the keys held by another process. That thread exists because the reader may sit 
 stdin while such copies wait: they would hold STATE back until the tap sent more (a tap that
 waits for STATE, or a quiet stream, would never see it).
 
+A key held by another (or a dead) run also holds its driver's lane: every later message of that
+lane waits here (not claimed, or claimed by us but not submitted) until the held key is decided,
+so a re-run never sends a driver's message 5 before message 4 that another run still holds.
+
 Shared under the run lock with the recorder, which settles keys: the keys in flight
 (``pending``: key → later copies held behind them) and our live claims (``claimed``). A decision
 may be fatal (``on_invalid_record: fail``): on the reader it raises at once; on the follow-up
@@ -76,7 +80,10 @@ class Admission:
         self._followups: queue.SimpleQueue[list[Message]] = queue.SimpleQueue()  # from recorder
         self._wake: queue.SimpleQueue[bool] = queue.SimpleQueue()  # True: copies; False: stop
         self._admitting = threading.Lock()  # one admitter at a time: reader or follow-up thread
-        self._elsewhere: list[Message] = []
+        self._elsewhere: list[Message] = []  # keys held by another run: one per lane in _behind
+        # Lane -> its later messages waiting behind the lane's key in _elsewhere, in input order;
+        # True: claimed by us (lease renewed, not submitted), False: not claimed yet.
+        self._behind: dict[str, list[tuple[Message, bool]]] = {}
         self._last_elsewhere_poll = 0.0
         self._last_renewal = time.monotonic()  # recorder thread only
         self._duplicates: list[Message] = []  # this batch's, for _hint_changed_duplicates
@@ -99,9 +106,20 @@ class Admission:
         self._wake.put(True)
 
     def stop(self) -> None:
-        """End the follow-up thread (after the transaction in progress); admit nothing more."""
+        """End the follow-up thread (after the transaction in progress); admit nothing more.
+
+        Messages claimed by us while they waited behind a key held elsewhere were never
+        submitted: they end ABANDONED through the recorder, which releases the claims that
+        were surely never sent (a recovered one keeps its claim). The rest that wait, like the
+        keys held elsewhere, simply stay unresolved: STATE never passes them.
+        """
         self._wake.put(False)
         self._thread.join()
+        behind, self._behind = self._behind, {}
+        for waiting in behind.values():
+            for m, ours in waiting:
+                if ours:
+                    self._resolve(Outcome(m, Resolution.ABANDONED))
 
     def _loop(self) -> None:
         try:
@@ -136,12 +154,17 @@ class Admission:
                     (invalid if m.errors or m.expired else sendable).append(m)
         for m, result in zip(invalid, self._ledger.peek(_claims(invalid)), strict=True):
             self._decide_invalid(m, result)
+        behind = self._behind
+        if behind:  # lanes waiting behind a key held elsewhere: their messages are not claimed
+            sendable = self._wait_behind(sendable)
         claim = self._ledger.peek if self._settings.dry_run else self._ledger.claim
         dry = self._delivery is None
         would_send = WouldSend()
         to_send: list[Message] = []
         for m, result in zip(sendable, claim(_claims(sendable)), strict=True):
-            if result.decision is _SEND:  # the usual case, decided here without a call
+            if behind and m.lane in behind:  # an earlier one of this batch is held elsewhere
+                self._hold(m, result)
+            elif result.decision is _SEND:  # the usual case, decided here without a call
                 (would_send if dry else to_send).append(m)
             elif self._decide_sendable(m, result):
                 to_send.append(m)
@@ -161,7 +184,11 @@ class Admission:
             self._admit(followups)
 
     def poll_elsewhere(self) -> None:
-        """Ask the ledger again about keys another process was sending (it may have died)."""
+        """Ask the ledger again about keys another process was sending (it may have died).
+
+        A key decided now (its holder finished, or its lease ran out: RECOVER) frees its lane:
+        it is sent first, then the messages that waited behind it, in input order.
+        """
         now = time.monotonic()
         if not self._elsewhere or now - self._last_elsewhere_poll < _ELSEWHERE_POLL:
             return
@@ -172,9 +199,67 @@ class Admission:
             results = self._ledger.peek(_claims(waiting))
         else:
             results = self._ledger.claim(_claims(waiting))
-        self._send(
-            [m for m, r in zip(waiting, results, strict=True) if self._decide_sendable(m, r)]
-        )
+        to_send: list[Message] = []
+        freed: list[tuple[Message, bool]] = []
+        for m, r in zip(waiting, results, strict=True):
+            if self._decide_sendable(m, r):
+                to_send.append(m)
+            if r.decision is not Decision.IN_PROGRESS_ELSEWHERE:
+                freed.extend(self._behind.pop(m.lane, ()))
+        if freed:
+            to_send.extend(self._readmit(freed))
+        self._send(to_send)
+
+    def _wait_behind(self, messages: list[Message]) -> list[Message]:
+        """Keep back, unclaimed, the messages of lanes held behind a key; return the others."""
+        behind = self._behind
+        rest: list[Message] = []
+        for m in messages:
+            waiting = behind.get(m.lane)
+            if waiting is None:
+                rest.append(m)
+            else:
+                waiting.append((m, False))
+        return rest
+
+    def _hold(self, m: Message, result: ClaimResult) -> None:
+        """A claim answer for a message whose lane became held earlier in the same batch.
+
+        Resolved now if nothing is to be sent (duplicate, earlier dead letter); claimed by us:
+        kept, claimed (its lease renewed) but not submitted; held elsewhere too: asked again
+        once the lane moves on.
+        """
+        if result.decision is Decision.IN_PROGRESS_ELSEWHERE:
+            self._behind[m.lane].append((m, False))
+        elif self._decide_sendable(m, result):
+            with self._lock:
+                self.claimed.add((m.namespace, m.key))
+            self._behind[m.lane].append((m, True))
+
+    def _readmit(self, freed: list[tuple[Message, bool]]) -> list[Message]:
+        """Decide, in input order, the messages that waited behind keys now decided.
+
+        Those not claimed yet are claimed in one transaction; a lane may be held again by one
+        of them (another run holds it too), and then its later ones wait again. Returns the
+        messages to send, after the freed keys themselves.
+        """
+        freed.sort(key=lambda item: item[0].seq)  # copies handed back may have joined late
+        ask = [m for m, ours in freed if not ours]
+        answers = iter(self._ledger.claim(_claims(ask)) if ask else ())
+        behind = self._behind
+        to_send: list[Message] = []
+        for m, ours in freed:
+            waiting = behind.get(m.lane)
+            if ours:
+                if waiting is None:
+                    to_send.append(m)
+                else:
+                    waiting.append((m, True))
+            elif waiting is not None:
+                self._hold(m, next(answers))
+            elif self._decide_sendable(m, next(answers)):
+                to_send.append(m)
+        return to_send
 
     def renew_leases(self, now: float) -> None:
         """Heartbeat (called by the recorder): claims waiting in a lane must not expire."""
@@ -284,6 +369,8 @@ class Admission:
         elif decision is Decision.IN_PROGRESS_ELSEWHERE:
             with self._lock:
                 self._elsewhere.append(m)
+            if self._delivery is not None:  # its lane waits behind it (a dry run sends nothing)
+                self._behind.setdefault(m.lane, [])
         elif self._delivery is None:  # dry run
             self._resolve(Outcome(m, Resolution.WOULD_SEND))
         else:
