@@ -192,6 +192,20 @@ def test_report_lists_every_status_with_reasons(ledger: Ledger) -> None:
     assert [m["key"] for m in everything["messages"]] == ["a"]
 
 
+def test_a_claim_left_unsent_by_an_outage_exit_is_not_called_ambiguous(ledger: Ledger) -> None:
+    """Never sent, lease ended: the next run sends it without a lookup."""
+    ledger.claim([ClaimRequest(NS, "unsent", FP1, "c")], now=at(0))
+    ledger.note_outage_exit([(NS, "unsent")])
+    report = build_report(
+        ledger, Filters(), letters={}, redrives=[], namespace=None, now=at(10_000)
+    )
+    (row,) = report["messages"]
+    assert row["status"] == "in_progress"
+    assert "Catena was unavailable" in row["reason"]
+    counts = {g["namespace"]: g for g in ledger.status_counts(now=at(10_000))}
+    assert counts[NS]["live"] == 1
+
+
 def test_category_is_total_and_exclusive() -> None:
     assert category("accepted", None, None, False) == "accepted"
     assert category("accepted", None, "success", False) == "confirmed"

@@ -75,12 +75,20 @@ class Reads:
         """Key counts for the ledger report, grouped by what tells their story apart.
 
         Each row: ``namespace``, ``status``, ``stage``, ``confirmed_status``, ``live`` (1 for a
-        claim whose lease still runs and that carries no earlier ambiguous send, i.e. a send in
-        progress right now) and ``count``. ``since``/``until`` bound ``updated_at`` (inclusive).
+        claim that carries no earlier ambiguous send and whose lease still runs — a send in
+        progress right now — or has none: left unsent by a run that ended during an outage)
+        and ``count``. ``since``/``until`` bound ``updated_at`` (inclusive).
         """
         at = utc(now)
         live = sa.case(
-            (sa.and_(C.status == CLAIMED, C.lease_until > at, C.ambiguous_since.is_(None)), 1),
+            (
+                sa.and_(
+                    C.status == CLAIMED,
+                    C.ambiguous_since.is_(None),
+                    sa.or_(C.lease_until.is_(None), C.lease_until > at),
+                ),
+                1,
+            ),
             else_=0,
         )
         inner = _report_filter(

@@ -51,8 +51,9 @@ def parse_time(text: str) -> datetime:
 def category(status: str, stage: str | None, confirmed_status: str | None, live: bool) -> str:
     """The report status of one key.
 
-    ``live`` is a claim whose lease still runs and that carries no earlier ambiguous send; any
-    other claim is ambiguous: its process stopped mid-send and the next run recovers it.
+    ``live`` is a claim whose lease still runs and that carries no earlier ambiguous send, or
+    one a run left unsent when it ended during an outage (the next run sends it); any other
+    claim is ambiguous: its process stopped mid-send and the next run recovers it.
     """
     if status == "accepted":
         return {"success": "confirmed", "pending": "pending", "failed": "dead_lettered"}.get(
@@ -66,7 +67,7 @@ def category(status: str, stage: str | None, confirmed_status: str | None, live:
 def row_category(row: Mapping[str, Any], now: datetime) -> str:
     """:func:`category` of a full ledger row."""
     lease = row.get("lease_until")
-    live = lease is not None and lease > now and row.get("ambiguous_since") is None
+    live = row.get("ambiguous_since") is None and (lease is None or lease > now)
     return category(row["status"], row.get("stage"), row.get("confirmed_status"), live)
 
 
@@ -153,7 +154,9 @@ def _reason(cat: str, row: Mapping[str, Any], letter: Mapping[str, Any] | None) 
         return str(letter["reason"])
     return {
         "pending": "queued at Catena; still pending when last checked",
-        "in_progress": f"being sent by run {row.get('run_id')}",
+        "in_progress": f"being sent by run {row.get('run_id')}"
+        if row.get("lease_until") is not None
+        else "not sent yet: its run ended while Catena was unavailable; the next run sends it",
         "ambiguous": "a send may have reached Catena; the next run looks for its operation first",
         "confirmed": "delivered (Catena reported success)",
         "accepted": "queued at Catena (202); not confirmed",
