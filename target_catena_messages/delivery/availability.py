@@ -67,6 +67,8 @@ class Availability:
         clock: Monotonic seconds (tests pass a fake one).
         rng: The backoff's jitter.
         probe_cap_seconds: The prober's longest wait between two probes.
+        threads: Start the prober thread when needed (False: a test drives :meth:`plan` and
+            :meth:`record_probe` itself).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class Availability:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         probe_cap_seconds: float = PROBE_CAP_SECONDS,
+        threads: bool = True,
     ) -> None:
         self._probe = probe
         self._quiet = quiet_seconds
@@ -99,6 +102,7 @@ class Availability:
         self._answers = 0  # probes answered in a row while down
         self._next_probe = 0.0
         self._thread: threading.Thread | None = None
+        self._threads = threads
         self.fatal: FatalError | None = None
         self.outages = 0
         self.probes = 0
@@ -191,9 +195,19 @@ class Availability:
             "outage_probes": self.probes,
         }
 
-    # -- the decisions (pure but for the clock; the caller holds the lock) --------------------
+    # -- the decisions (pure but for the clock; under the lock, a re-entrant one) ----------
 
     def plan(self, now: float) -> float | None:
+        """Seconds until the prober should probe (0: now), or None when it has nothing to do."""
+        with self._cond:
+            return self._plan(now)
+
+    def record_probe(self, failure: Failure | None, now: float) -> None:
+        """A probe's result: the transitions it decides."""
+        with self._cond:
+            self._record_probe(failure, now)
+
+    def _plan(self, now: float) -> float | None:
         """Seconds until the prober should probe (0: now), or None when it has nothing to do.
 
         Also takes the transitions time alone decides: suspect → up when something answered
@@ -212,8 +226,7 @@ class Availability:
             return None
         return max(0.0, min(self._next_probe, self._since + self._limit) - now)
 
-    def record_probe(self, failure: Failure | None, now: float) -> None:
-        """A probe's result: the transitions it decides."""
+    def _record_probe(self, failure: Failure | None, now: float) -> None:
         self.probes += 1
         answered = failure is None or not signals_outage(failure.status)
         if self.state is State.SUSPECT:
@@ -289,6 +302,8 @@ class Availability:
     # -- the prober thread -------------------------------------------------------------------
 
     def _ensure_prober(self) -> None:
+        if not self._threads:
+            return
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._prober, name="catena-probe", daemon=True)
             self._thread.start()
