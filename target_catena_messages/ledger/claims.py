@@ -135,8 +135,8 @@ class Claims:
         count = self._store.write(lambda conn: conn.execute(stmt).scalar_one_or_none())
         if count is None:
             raise LedgerError(
-                f"ledger at {self._store.location}: key {key!r} of stream namespace "
-                f"{namespace!r} is no longer claimed by this run; it is not sent again"
+                f"ledger at {self._store.location}: key {key!r} in namespace {namespace!r} is "
+                "no longer claimed by this run (its lease ran out); a resend could make a copy"
             )
         return int(count)
 
