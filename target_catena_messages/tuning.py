@@ -1,7 +1,8 @@
 """Process-wide tuning the CLI applies once: the cyclic garbage collector and glibc's allocator.
 
 Both change the whole process, so only the CLI calls them, never the target class itself: a
-program that embeds the target (a test, an orchestrator) keeps its own settings.
+program that embeds the target (a test, an orchestrator) keeps its own settings. Also the
+hidden outage tunables (not settings: read from the environment, so tests can shorten them).
 """
 
 from __future__ import annotations
