@@ -1,7 +1,8 @@
 """Process-wide tuning the CLI applies once: the cyclic garbage collector and glibc's allocator.
 
 Both change the whole process, so only the CLI calls them, never the target class itself: a
-program that embeds the target (a test, an orchestrator) keeps its own settings.
+program that embeds the target (a test, an orchestrator) keeps its own settings. Also the
+hidden outage tunables (not settings: read from the environment, so tests can shorten them).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import os
 import platform
 
-__all__ = ["tune_gc", "tune_malloc"]
+__all__ = ["outage_probe_cap_seconds", "outage_quiet_seconds", "tune_gc", "tune_malloc"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,29 @@ _MALLOPTS = (
     (_M_MMAP_THRESHOLD, 128 * 1024, "MALLOC_MMAP_THRESHOLD_"),  # glibc's own starting value
     (_M_ARENA_MAX, 2, "MALLOC_ARENA_MAX"),
 )
+
+
+def outage_quiet_seconds() -> float:
+    """How long nothing must have answered before a probe may declare Catena unavailable.
+
+    About 10 s: long enough that a burst of failed requests between two answers is not an
+    outage, short enough that messages do not use up their retries first. Hidden (not a
+    setting): ``CATENA_OUTAGE_QUIET_SECONDS`` lets tests use a second or two.
+    """
+    return _seconds("CATENA_OUTAGE_QUIET_SECONDS", 10.0)
+
+
+def outage_probe_cap_seconds() -> float:
+    """The longest wait between two probes while Catena is down (30 s; tests shorten it)."""
+    return _seconds("CATENA_OUTAGE_PROBE_CAP_SECONDS", 30.0)
+
+
+def _seconds(variable: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(variable, default))
+    except ValueError:
+        return default
+    return value if value >= 0 else default
 
 
 def tune_gc() -> None:

@@ -80,6 +80,10 @@ class TokenProvider(Protocol):
         ...
 
 
+def _never() -> bool:
+    return False
+
+
 def require_safe_url(url: str, setting: str) -> str:
     """Refuse a URL that would send credentials in clear text to another machine.
 
@@ -203,6 +207,9 @@ class ClientCredentialsTokenProvider:
         self._token: str | None = None
         self._refresh_at = 0.0
         self.requests_made = 0
+        self.outage: Callable[[], bool] = _never
+        """The run's word that Catena may be unavailable: a fetch then makes one attempt and
+        does not warn, because the run's prober is the one retrying (one request at a time)."""
 
     def __repr__(self) -> str:
         cls = type(self).__name__
@@ -254,7 +261,7 @@ class ClientCredentialsTokenProvider:
             step = state.increment(
                 FailureKind.SAFE, outcome.status, outcome.retry_after, rng=self._rng
             )
-            if isinstance(step, GiveUp):
+            if isinstance(step, GiveUp) or self.outage():
                 raise TokenUnavailable(
                     f"no access token from {self._auth_url} after {len(step.history)} "
                     f"attempt(s): {outcome.reason}"

@@ -181,6 +181,26 @@ class RetryPolicy:
         """The state of a request an earlier attempt (maybe of a dead run) may already have sent."""
         return replace(self, resends=resends, maybe_sent=maybe_sent)
 
+    def renewed(self, end: GiveUp) -> RetryPolicy:
+        """The state to retry with after Catena was unavailable: the budget restored.
+
+        ``self`` is the state before the failure that ended in ``end`` (RETRIES or TIME after a
+        failure that signalled an outage): those failures were the run's outage, not the
+        request's. What may already have reached Catena is kept, and an ambiguous last attempt
+        counts as the resend it now leads to.
+        """
+        return replace(
+            self,
+            retries=0,
+            waited=0.0,
+            resends=self.resends + (1 if end.look_up and not self.idempotent else 0),
+            maybe_sent=end.maybe_sent,
+            wait=0.0,
+            shared_pause=False,
+            look_up=False,
+            history=end.history,
+        )
+
     def increment(
         self,
         kind: FailureKind,

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from target_catena_messages.catena.client import Accepted, CatenaClient, Failure
 from target_catena_messages.catena.retry import GiveUp, GiveUpReason, RejectionBreaker, RetryPolicy
+from target_catena_messages.delivery.availability import Availability
 from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.errors import FatalError
 from target_catena_messages.outcome import Message, Outcome, Resolution
@@ -108,8 +109,11 @@ class Delivery:
         is_sync: bool = False,
         lookup: OperationLookup | None = None,
         stop: threading.Event | None = None,
+        availability: Availability | None = None,
     ) -> None:
         self._client = client
+        # Whether Catena is reachable at all: senders wait while it is not (availability.py).
+        self._availability = availability or Availability.unmonitored()
         self._on_outcome = on_outcome
         self._policy = policy
         self._throttle = throttle
@@ -176,6 +180,10 @@ class Delivery:
     def stop(self) -> None:
         """Take no new attempt: queued and waiting messages end ABANDONED, in-flight ones finish."""
         self._stop.set()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the run with ``exc`` found outside delivery (the outage limit): send nothing new."""
+        self._fail(exc)
 
     def close(self) -> None:
         """Stop the worker threads (after wait_idle or stop); queued messages end ABANDONED."""
@@ -319,13 +327,20 @@ class Delivery:
             found = self._look_up(message)
             if found is not None:
                 return found
+        available = self._availability
         while True:
-            if self._stop.is_set() or not self._throttle.wait_turn(self._stop):
+            if (
+                self._stop.is_set()
+                or not available.wait(self._stop)
+                or not self._throttle.wait_turn(self._stop)
+            ):
                 return Outcome(message, Resolution.ABANDONED)
             result = self._post(message)
             if isinstance(result, Accepted):
+                available.succeeded()
                 self._breaker.accepted(message.connection_id)
                 return Outcome(message, Resolution.ACCEPTED, operation_id=result.operation_id)
+            available.failed(result.status, result.message)
             step = state.increment(
                 result.kind,
                 result.status,
@@ -340,6 +355,10 @@ class Delivery:
                 if found is not None:
                     return found
             if isinstance(step, GiveUp):
+                if step.reason in _OUT_OF_BUDGET and available.holds(result.status, self._stop):
+                    # Catena is down, not this message: wait for it, then a fresh budget.
+                    state = state.renewed(step)
+                    continue
                 if step.pause:
                     self._throttle.pause(step.pause)
                 return self._given_up(message, result, step)
@@ -398,6 +417,9 @@ class Delivery:
             api_error=result.api_error,
             retryable=end.retryable,
         )
+
+
+_OUT_OF_BUDGET = (GiveUpReason.RETRIES, GiveUpReason.TIME)
 
 
 def _api_errors(result: Failure) -> tuple[dict[str, Any], ...]:

@@ -24,7 +24,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -32,6 +32,7 @@ from target_catena_messages.catena.classify import FailureKind
 from target_catena_messages.catena.client import CatenaClient, Failure, OperationSummary
 from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.catena.retry import GiveUp, RetryPolicy
+from target_catena_messages.delivery.availability import Availability
 from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.ledger import Ledger
 from target_catena_messages.outcome import Message
@@ -143,9 +144,12 @@ class CatenaOperationLookup:
         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
         policy: RetryPolicy = READ_POLICY,
         throttle: Throttle | None = None,
+        availability: Availability | None = None,
     ) -> None:
         self._client = client
-        self._policy = policy
+        # While Catena is down a failed read counts nothing and the next one waits for it.
+        self._availability = availability or Availability.unmonitored()
+        self._policy = replace(policy, available=self._availability.available)
         self._throttle = throttle  # delivery's: reads share its 429 pauses and rate
         self._ledger = ledger
         self._lag = timedelta(seconds=lag_seconds)
@@ -276,7 +280,8 @@ class CatenaOperationLookup:
         return _UNREADABLE
 
     def _take_turn(self) -> None:
-        """Wait out a 429 pause delivery's senders share (when the run gave us its throttle)."""
+        """Wait while Catena is down, then out a 429 pause delivery's senders share."""
+        self._availability.wait(self._stop)
         if self._throttle is not None:
             self._throttle.wait_turn(self._stop)
 
@@ -285,10 +290,14 @@ class CatenaOperationLookup:
     ) -> RetryPolicy | None:
         """After a failed read: the next state once its wait is over; None to give up.
 
-        None also when the run stopped while waiting.
+        None also when the run stopped while waiting. A read that fails while Catena is down is
+        not given up: it waits for Catena and starts again (an outage must not dead-letter).
         """
+        self._availability.failed(status)
         step = state.increment(kind, status, retry_after)
         if isinstance(step, GiveUp):
+            if self._availability.holds(status, self._stop) and self._availability.wait(self._stop):
+                return self._policy
             return None
         if step.shared_pause and self._throttle is not None:
             self._throttle.pause(step.wait)

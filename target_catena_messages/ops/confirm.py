@@ -24,6 +24,7 @@ from typing import Any, Literal
 from target_catena_messages.catena.classify import FailureKind
 from target_catena_messages.catena.client import CatenaClient, Failure
 from target_catena_messages.catena.retry import RetryPolicy
+from target_catena_messages.delivery.availability import Availability
 from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.ledger import ConfirmedStatus, Ledger
 
@@ -124,6 +125,7 @@ def confirm_operations(
     poll_every: float = 2.0,
     stop: threading.Event | None = None,
     throttle: Throttle | None = None,
+    availability: Availability | None = None,
 ) -> list[Confirmation]:
     """Poll each operation until it is ``success`` or ``failed``, or the time is up.
 
@@ -142,6 +144,8 @@ def confirm_operations(
         stop: Set to end early (a signal); unanswered operations stay ``pending``.
         throttle: Where 429 pauses are shared (the run's, when it has one); by default one of
             this call's own that only pauses, learning no rate.
+        availability: The run's: while Catena is down, requests wait for it instead of failing
+            round after round (within the deadline).
 
     Raises:
         CredentialsRefused: The credentials were refused; nothing can be confirmed.
@@ -156,6 +160,7 @@ def confirm_operations(
     deadline = time.monotonic() + max(timeout_seconds, 0.0)
     pause = throttle or Throttle(adaptive=False)
     waits = rounds_policy(poll_every)
+    available = availability or Availability.unmonitored()
     seen = [_Seen() for _ in items]
     todo = list(range(len(items)))
     rounds = 0
@@ -166,8 +171,8 @@ def confirm_operations(
         def ask(index: int, first: bool) -> None:
             if stopped.is_set() or (not first and time.monotonic() >= deadline):
                 return
-            if pause.wait_turn(stopped):
-                _ask(client, items[index], seen[index], pause, poll_every)
+            if available.wait(stopped) and pause.wait_turn(stopped):
+                _ask(client, items[index], seen[index], pause, poll_every, available=available)
 
         while todo and not stop.is_set():
             first = rounds == 0
@@ -195,11 +200,18 @@ def confirm_operations(
 
 
 def _ask(
-    client: CatenaClient, item: Pending, seen: _Seen, pause: Throttle, default_pause: float
+    client: CatenaClient,
+    item: Pending,
+    seen: _Seen,
+    pause: Throttle,
+    default_pause: float,
+    *,
+    available: Availability,
 ) -> None:
     """One GET; updates ``seen`` (a worker owns its item for the round: no lock needed)."""
     answer = client.get_operation(item.connection_id, item.operation_id)
     if isinstance(answer, Failure):
+        available.failed(answer.status, answer.message)
         seen.problem = answer.message
         if answer.status == 429:
             pause.pause(answer.retry_after if answer.retry_after is not None else default_pause)
@@ -208,6 +220,7 @@ def _ask(
                 item, "pending", None, f"could not be checked: {answer.message}", seen.logs
             )
         return
+    available.succeeded()
     seen.problem = None
     logs = answer.get("logs")
     seen.logs = [log for log in logs if isinstance(log, dict)] if isinstance(logs, list) else []

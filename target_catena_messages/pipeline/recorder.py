@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from target_catena_messages.dead_letters import DeadLetterWriter
+from target_catena_messages.delivery.availability import Availability
 from target_catena_messages.delivery.engine import Delivery
 from target_catena_messages.ledger import Ledger, LedgerOutcome, retryable_fingerprint
 from target_catena_messages.ops.confirm import Pending
@@ -40,6 +41,12 @@ _MAX_COMMIT = 2000
 _GATHER_ITEMS = 100  # queued items (outcomes, or dry-run batches) worth committing at once
 _STATE_EVERY = 60.0  # seconds: a line at least this often while records resolve
 _STATE_MIN_GAP = 1.0  # seconds: at most one line a second (Meltano stores every line)
+#: Runs in a row that may end for an outage with a key in flight before it is dead-lettered.
+OUTAGE_EXITS_LIMIT = 3
+_OUTAGE_EXITS_ERROR = (
+    f"Catena was unavailable at the end of {OUTAGE_EXITS_LIMIT} runs in a row while this message "
+    "was being sent"
+)
 
 Key = tuple[str, str]
 
@@ -67,6 +74,7 @@ class Recorder:
         renew_leases: Admission's lease heartbeat, called after every group.
         write_state: Writes one STATE value to stdout.
         progress: Delivery's in-flight count and HTTP counters, for progress lines.
+        availability: The run's view of Catena (progress lines; the outage exit's ledger work).
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class Recorder:
         write_state: Callable[[dict[str, Any]], None],
         delivery: Delivery | None,
         http_counters: Callable[[], dict[str, float]],
+        availability: Availability | None = None,
     ) -> None:
         self._settings = settings
         self._outcomes = outcomes
@@ -103,6 +112,7 @@ class Recorder:
         self._write_state = write_state
         self._delivery = delivery
         self._http_counters = http_counters
+        self._availability = availability
         self._last_state_at = 0.0
         self._state_written = threading.Lock()
         self.to_confirm: list[Pending] = []  # accepted this run, when confirm_operations
@@ -192,6 +202,7 @@ class Recorder:
         released: list[Key] = []
         left: list[tuple[Key, datetime]] = []  # maybe sent, unresolved: for the next run's lookup
         confirm = self._settings.confirm_operations
+        batch, kept = self._outage_exit(batch)
         for o in batch:
             resolution = o.resolution
             if resolution in _NOTHING_TO_WRITE:  # the usual case in a dry run, and duplicates
@@ -199,11 +210,12 @@ class Recorder:
             m = o.message
             if resolution is _ABANDONED:
                 # Only a claim that was surely never sent may go (docs/design.md, rule 3); one
-                # that may have been sent ends its lease, so no run elsewhere waits it out.
-                if not m.maybe_sent:
-                    released.append((m.namespace, m.key))
-                else:
+                # that may have been sent ends its lease, so no run elsewhere waits it out. A key
+                # whose outage exit was counted keeps its row (``_outage_exit``).
+                if m.maybe_sent:
                     left.append(((m.namespace, m.key), _first_attempt(m)))
+                elif (m.namespace, m.key) not in kept:
+                    released.append((m.namespace, m.key))
                 continue
             if resolution in (Resolution.DEAD_LETTERED, Resolution.EXPIRED):
                 self._dead_letters.write(
@@ -257,6 +269,42 @@ class Recorder:
         self.checkpoint_trusted = False  # a failure while settling leaves it half-updated
         self._settle_all(batch, would_send)
         self.checkpoint_trusted = True
+
+    def _outage_exit(self, batch: list[Outcome]) -> tuple[list[Outcome], frozenset[Key]]:
+        """The run ends because Catena is unavailable: count it for the keys it leaves in flight.
+
+        Keys attempted this run and left unresolved keep their ledger row with one more outage
+        exit (never released, even if never sent: the count must survive). A key at its third
+        exit in a row becomes a retryable dead letter now (``ambiguous`` if it may have been
+        sent, so a re-drive looks it up first), so STATE can move past it. Returns the batch
+        with those outcomes replaced, and the keys kept.
+        """
+        availability = self._availability
+        if availability is None or availability.fatal is None:
+            return batch, _NO_KEYS
+        left = [o for o in batch if o.resolution is _ABANDONED and o.message.attempts]
+        if not left:
+            return batch, _NO_KEYS
+        counts = self._ledger.note_outage_exit([(o.message.namespace, o.message.key) for o in left])
+        ended: dict[int, Outcome] = {}
+        for o in left:
+            m = o.message
+            if counts.get((m.namespace, m.key), 0) >= OUTAGE_EXITS_LIMIT:
+                ended[id(o)] = Outcome(
+                    m,
+                    Resolution.DEAD_LETTERED,
+                    stage=Stage.AMBIGUOUS.value if m.maybe_sent else Stage.API.value,
+                    errors=({"field": None, "message": _OUTAGE_EXITS_ERROR},),
+                    retryable=True,
+                )
+        if ended:
+            logger.warning(
+                "%d message(s) in flight at %d outage exits in a row dead-lettered (retryable)",
+                len(ended),
+                OUTAGE_EXITS_LIMIT,
+            )
+            batch = [ended.get(id(o), o) for o in batch]
+        return batch, frozenset(counts)
 
     def _settle_all(self, batch: list[Outcome], would_send: Sequence[Message]) -> None:
         """Settle a committed group, hand the copies to redo to admission, wake the reader."""
@@ -335,6 +383,9 @@ class Recorder:
                     in_flight=self._delivery.in_flight if self._delivery else 0,
                     queued=self._backlog.unresolved,
                     http=self._http_counters(),
+                    unavailable_for=(
+                        self._availability.unavailable_for() if self._availability else None
+                    ),
                 )
         if line is not None:
             self.checkpoint_trusted = False  # a line cut short must not be followed by another
@@ -365,6 +416,7 @@ _NOTHING_TO_WRITE = (
 )
 _RESOLVED_SILENTLY = tuple(r for r in Resolution if r.resolves and r not in IN_STATE)
 _ABANDONED = Resolution.ABANDONED
+_NO_KEYS: frozenset[Key] = frozenset()
 _WOULD_SEND = Resolution.WOULD_SEND
 
 

@@ -35,6 +35,9 @@ _HTTP_LABELS: dict[str, str] = {
     "throttle_wait_seconds": "seconds waited for throttling",
     "token_requests": "token requests",
     "rejections": "rejected by Catena",
+    "outages": "times Catena was unavailable",
+    "outage_seconds": "seconds Catena was unavailable",
+    "outage_probes": "probes while Catena was unavailable",
 }
 
 _Row = tuple[str, str, str]
@@ -179,11 +182,17 @@ class RunReport:
         return self._clock() - self._last_progress_at >= self._progress_every
 
     def progress_line(
-        self, *, in_flight: int, queued: int, http: Mapping[str, float]
+        self,
+        *,
+        in_flight: int,
+        queued: int,
+        http: Mapping[str, float],
+        unavailable_for: float | None = None,
     ) -> str | None:
         """A one-line progress text, or None if the last one is less than ``progress_every`` old.
 
-        The rate is over the time since the previous line, so a stall shows at once.
+        The rate is over the time since the previous line, so a stall shows at once; during an
+        outage (``unavailable_for`` seconds so far) the line says the run is waiting for Catena.
         """
         now = self._clock()
         elapsed = now - self._last_progress_at
@@ -199,6 +208,11 @@ class RunReport:
             f"{in_flight:,} in flight, {queued:,} queued, "
             f"{_number(http.get('retries', 0))} retries, {_number(http.get('throttled', 0))} "
             "throttled (429)"
+            + (
+                ""
+                if unavailable_for is None
+                else f"; waiting for Catena (unavailable for {unavailable_for:.0f} s)"
+            )
         )
 
     def summary(

@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from target_catena_messages.catena.auth import TokenProvider
-from target_catena_messages.catena.client import CatenaClient
+from target_catena_messages.catena.auth import ClientCredentialsTokenProvider, TokenProvider
+from target_catena_messages.catena.client import CatenaClient, Failure
 from target_catena_messages.catena.retry import RetryPolicy
 from target_catena_messages.connect import client_from_settings
 from target_catena_messages.dead_letters import DeadLetterWriter
+from target_catena_messages.delivery.availability import Availability
 from target_catena_messages.delivery.engine import Delivery
 from target_catena_messages.delivery.lookup import CatenaOperationLookup
 from target_catena_messages.delivery.throttle import Throttle
@@ -45,6 +46,7 @@ from target_catena_messages.pipeline.report import RunReport, emit_summary, plur
 from target_catena_messages.pipeline.users import UserResolver
 from target_catena_messages.redact import Redactor
 from target_catena_messages.settings import Settings
+from target_catena_messages.tuning import outage_probe_cap_seconds, outage_quiet_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class Run:
         self._stop: threading.Event | None = None
         self._confirmation: dict[str, Any] | None = None
         self._throttle: Throttle | None = None
+        self.availability: Availability | None = None  # whether Catena is reachable at all
         self.delivery: Delivery | None = None
         resolver: UserResolver | None = None
         if not settings.dry_run:
@@ -139,6 +142,7 @@ class Run:
             write_state=write_state,
             delivery=self.delivery,
             http_counters=self.http_counters,
+            availability=self.availability,
         )
         self._recorder_error_told = False  # the reader raised it: its line is written
         self._recorder.start()
@@ -152,10 +156,24 @@ class Run:
         self.tokens = tokens.inner
         # One throttle for every request to Catena: a 429 pauses sends and reads alike.
         self._throttle = throttle = Throttle(max_rate=s.max_requests_per_second)
-        resolver = (
-            UserResolver(client, throttle=throttle) if s.body_version.resolves_user_ids else None
-        )
         stop = threading.Event()
+        # One view of whether Catena is reachable, shared by everything that talks to it: an
+        # outage is the run's, probed once, not each message's (delivery/availability.py).
+        connection_id = s.default_connection_id or None
+        self.availability = available = Availability(
+            lambda: client.probe(connection_id),
+            quiet_seconds=outage_quiet_seconds(),
+            limit_seconds=s.max_retry_seconds,
+            stop=stop,
+            probe_cap_seconds=outage_probe_cap_seconds(),
+        )
+        if isinstance(self.tokens, ClientCredentialsTokenProvider):
+            self.tokens.outage = available.doubtful  # the prober retries, not each fetch
+        resolver = (
+            UserResolver(client, throttle=throttle, availability=available)
+            if s.body_version.resolves_user_ids
+            else None
+        )
         self._client, self._stop = client, stop
         lookup = CatenaOperationLookup(
             client,
@@ -163,6 +181,7 @@ class Run:
             lag_seconds=s.operation_lookup_lag_seconds,
             stop=stop,
             throttle=throttle,
+            availability=available,
         )
         delivery = Delivery(
             client,
@@ -173,13 +192,32 @@ class Run:
                 max_retries=s.max_retries,
                 max_retry_seconds=s.max_retry_seconds,
                 max_ambiguous_resends=s.max_ambiguous_resends,
+                available=available.available,
             ),
             throttle=throttle,
             max_concurrency=s.max_concurrency,
             max_consecutive_rejections=s.max_consecutive_rejections,
             is_sync=s.is_sync,
+            availability=available,
         )
+        available.on_fatal = delivery.fail  # the outage limit ends the run like any fatal
         return delivery, resolver
+
+    def on_unavailable(self, failure: Failure) -> None:
+        """The start-up probe found Catena unavailable: probe until it answers, or end the run.
+
+        Returns once Catena has answered three probes in a row; one warning, one request at a
+        time, with backoff (delivery/availability.py).
+
+        Raises:
+            FatalError: ``catena_unavailable`` after max_retry_seconds; Interrupted on a signal.
+        """
+        available = self.availability
+        if available is None:
+            return
+        available.begin(failure)
+        if not available.wait():
+            raise available.fatal or Interrupted("interrupted by a signal")
 
     # -- reader thread -----------------------------------------------------------------------
 
@@ -227,6 +265,8 @@ class Run:
     def http_counters(self) -> dict[str, float]:
         """Request counters from delivery and the token provider."""
         counters = self.delivery.counters() if self.delivery else {}
+        if self.availability is not None:
+            counters.update(self.availability.counters())
         made = getattr(self.tokens, "requests_made", None)
         if made is not None:
             counters["token_requests"] = made
@@ -255,6 +295,7 @@ class Run:
                 max_concurrency=self.settings.max_concurrency,
                 stop=self._stop,
                 throttle=self._throttle,
+                availability=self.availability,
             )
         except FatalError as exc:  # credentials refused: the messages stay accepted
             logger.error("confirmation stopped: %s", exc)  # noqa: TRY400

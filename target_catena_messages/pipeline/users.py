@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from target_catena_messages.body import versions
@@ -24,6 +24,7 @@ from target_catena_messages.body.versions import BodyVersion, UserIdField
 from target_catena_messages.catena.client import CatenaClient
 from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.catena.retry import GiveUp, RetryPolicy
+from target_catena_messages.delivery.availability import Availability
 from target_catena_messages.delivery.throttle import Throttle
 
 logger = logging.getLogger(__name__)
@@ -165,10 +166,13 @@ class UserResolver:
         sleep: Callable[[float], None] = time.sleep,
         policy: RetryPolicy = USERS_POLICY,
         throttle: Throttle | None = None,
+        availability: Availability | None = None,
     ) -> None:
         self._client = client
         self._sleep = sleep
-        self._policy = policy
+        # While Catena is down a failed lookup counts nothing and the next one waits for it.
+        self._availability = availability or Availability.unmonitored()
+        self._policy = replace(policy, available=self._availability.available)
         self._throttle = throttle  # delivery's: lookups share its 429 pauses and rate
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], str | None] = {}
@@ -190,14 +194,20 @@ class UserResolver:
 
     def _look_up(self, connection_id: str, source_ids: list[str]) -> dict[str, str]:
         state = self._policy
+        available = self._availability
         while True:
+            available.wait()
             if self._throttle is not None:
                 self._throttle.wait_turn()
             try:
                 users = self._client.list_users(connection_id, source_ids)
             except CatenaApiError as exc:
+                available.failed(exc.status)
                 step = state.increment(exc.kind, exc.status, exc.retry_after)
                 if isinstance(step, GiveUp):
+                    if available.holds(exc.status) and available.wait():
+                        state = self._policy  # Catena was down, not this lookup: start afresh
+                        continue
                     raise
                 if step.shared_pause and self._throttle is not None:
                     self._throttle.pause(step.wait)
