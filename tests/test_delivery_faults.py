@@ -189,8 +189,13 @@ def test_401_forever_is_fatal_with_safe_state(tmp_path: Path, sandbox_factory: A
     recs = [dict(r, connection_id=CONN_A) for r in records(40, drivers=1)]  # one lane: in order
     result = run(tmp_path, sandbox, recs, max_consecutive_rejections=3, max_concurrency=1)
     assert result.returncode == 1, result.stderr
-    assert "max_consecutive_rejections" in result.stderr
+    # A 401 with a fresh token is refused credentials: fatal at once, not one rejection each.
+    assert "answered 401 Unauthorized" in result.stderr
+    assert "max_consecutive_rejections" not in result.stderr
     assert "Traceback" not in result.stderr
+    assert result.dead_letters == []
+    assert result.summary is not None
+    assert result.summary["fatal"] == "configuration"
     delivered = {b["message_text"] for b in sandbox.accepted_bodies()}
     assert len(delivered) == 15
     # The safe STATE: the newest tap state whose records all resolved (records 1-10).
@@ -201,9 +206,11 @@ def test_401_forever_is_fatal_with_safe_state(tmp_path: Path, sandbox_factory: A
 def test_403_on_one_connection_dead_letters_it_and_the_rest_flow(
     tmp_path: Path, sandbox_factory: Any
 ) -> None:
+    # Once a message of the run was accepted, a 403 is about its connection, not the settings
+    # (before that it would end the run): one sender, and the first record is CONN_A's.
     sandbox = sandbox_factory(plan({"kind": "forbid", "match": {"connection_id": CONN_B}}))
     recs = records(20)
-    result = run(tmp_path, sandbox, recs)
+    result = run(tmp_path, sandbox, recs, max_concurrency=1)
     assert result.returncode == 2, result.stderr
     delivered = {b["message_text"] for b in sandbox.accepted_bodies()}
     assert delivered == {r["message_text"] for r in recs if r["connection_id"] == CONN_A}

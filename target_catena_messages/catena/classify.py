@@ -11,6 +11,7 @@ doubt therefore resolves to :attr:`FailureKind.AMBIGUOUS`. docs/retry.md lists t
 
 from __future__ import annotations
 
+import http
 import http.client
 import math
 import ssl
@@ -31,6 +32,9 @@ __all__ = [
     "RequestNotSendable",
     "classify_exception",
     "classify_status",
+    "configuration_problem",
+    "is_catena_error_body",
+    "is_configuration_failure",
     "json_or_none",
     "retry_after_seconds",
 ]
@@ -185,6 +189,82 @@ def signals_outage(status: int | None) -> bool:
 
 
 _OUTAGE_STATUSES = frozenset({502, 503, 504})
+
+
+def is_catena_error_body(body: Any) -> bool:
+    """Whether an error body has the shape of Catena's own error objects.
+
+    Catena answers every error with a JSON object carrying ``code``, ``message`` or ``detail``
+    (``{"code": 404, "message": "Not Found", "detail": null}``; a 500 has only ``message``). An
+    HTML page, plain text, an empty body (the client keeps those as ``{"text": ...}``) or JSON
+    of another shape (``{"error": ...}``) came from a proxy, a load balancer or another server.
+    """
+    return isinstance(body, Mapping) and any(k in body for k in ("code", "message", "detail"))
+
+
+def is_configuration_failure(status: int | None, body: Any, *, read: bool = False) -> bool:
+    """Whether a refused request says the URL, a proxy or the credentials are wrong.
+
+    Such an answer is about the target's settings, not about one message: dead-lettering every
+    message of the backlog for it would be wrong, so the run ends instead. The caller decides
+    when the rule applies (a create's answer before any message of the run was accepted, or
+    the probe before input is read; a 401 after a token refresh always).
+
+    True for a 401 or 403 (the client has already refreshed the token and tried again), a 404
+    or 405 (no such endpoint: a wrong path, e.g. an ``api_url`` ending in ``/v2``), a redirect
+    (Catena never redirects; they are not followed) and any other 4xx but 408 and 429 whose
+    body is not Catena's (:func:`is_catena_error_body`). For a ``read`` (the probe's size-1
+    list, whose query is the target's own) every answer below 500 but 408 and 429 counts,
+    including a 2xx that is not a page of operations. Never for no answer (a network error) nor
+    a 5xx: those may mean Catena is down, which is not a setting.
+    """
+    if status is None or status >= 500 or status in (408, 429):
+        return False
+    if read:
+        return True
+    if status < 300:  # a create's 2xx without an operation id: ambiguous, not a setting
+        return False
+    if status < 400 or status in (401, 403, 404, 405):
+        return True
+    return not is_catena_error_body(body)
+
+
+def configuration_problem(method: str, url: str, status: int | None, *, when: str = "") -> str:
+    """The one line that ends a run for a configuration failure: the URL, the status, a hint.
+
+    ``url`` is the endpoint's URL without its query (no token is ever in it); ``when`` says
+    what had not happened yet ("before any message was accepted").
+    """
+    try:
+        phrase = http.HTTPStatus(status).phrase if status is not None else "no answer"
+    except ValueError:
+        phrase = ""
+    answer = f"{method} {url} answered {status} {phrase}".rstrip()
+    if when:
+        answer += f" {when}"
+    if status == 401:
+        hint = (
+            "the credentials are refused, also with a fresh token: check client_id, "
+            "client_secret (or access_token) and scope"
+        )
+    elif status == 403:
+        hint = (
+            "access is refused: check the credentials' grants "
+            "(and default_connection_id or the records' connection_id)"
+        )
+    elif status in (404, 405):
+        hint = (
+            "check api_url (it must not end in /v2: the target adds /v2/... itself) "
+            "and any proxy in between"
+        )
+    elif status is not None and 300 <= status < 400:
+        hint = "check api_url's scheme, host and path (redirects are never followed)"
+    else:
+        hint = (
+            "that answer is not Catena's (a proxy or another server answered): "
+            "check api_url and the proxy settings"
+        )
+    return f"{answer}: {hint}"
 
 
 def retry_after_seconds(

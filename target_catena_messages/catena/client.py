@@ -154,6 +154,16 @@ class CatenaClient:
         self._session = session
         self._timeout = timeout
 
+    @property
+    def messages_url(self) -> str:
+        """Where messages are POSTed: a configuration failure names it."""
+        return self._messages_url
+
+    @property
+    def operations_url(self) -> str:
+        """The operation list :meth:`probe` reads: a configuration failure names it."""
+        return self._operations_url
+
     def create_message(
         self, body: Mapping[str, Any], *, is_sync: bool = False
     ) -> Accepted | Failure:

@@ -35,11 +35,12 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from target_catena_messages.catena.classify import configuration_problem, is_configuration_failure
 from target_catena_messages.catena.client import Accepted, CatenaClient, Failure
 from target_catena_messages.catena.retry import GiveUp, GiveUpReason, RejectionBreaker, RetryPolicy
 from target_catena_messages.delivery.availability import Availability
 from target_catena_messages.delivery.throttle import Throttle
-from target_catena_messages.errors import FatalError
+from target_catena_messages.errors import FatalError, FatalKind
 from target_catena_messages.outcome import Message, Outcome, Resolution
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class Delivery:
         self._stop = stop or threading.Event()
         self.fatal: BaseException | None = None
         self._counts: Counter[str] = Counter()
+        self._accepted_any = False  # Catena accepted a POST of this run: its URL is right
 
     # -- the caller's side -------------------------------------------------------------------
 
@@ -338,6 +340,7 @@ class Delivery:
             result = self._post(message)
             if isinstance(result, Accepted):
                 available.succeeded()
+                self._accepted_any = True
                 self._breaker.accepted(message.connection_id)
                 return Outcome(message, Resolution.ACCEPTED, operation_id=result.operation_id)
             available.failed(result.status, result.message)
@@ -401,8 +404,14 @@ class Delivery:
         )
 
     def _given_up(self, message: Message, result: Failure, end: GiveUp) -> Outcome:
+        misconfigured = self._misconfigured(result, end)
+        if misconfigured is not None:
+            # About the settings, not the message: not dead-lettered. ABANDONED releases the
+            # claim unless an earlier attempt may have reached Catena (then it is recovered).
+            self._fail(misconfigured)
+            return Outcome(message, Resolution.ABANDONED)
         if end.fatal is not None:
-            self._fail(FatalError(end.fatal))
+            self._fail(FatalError(end.fatal, kind=FatalKind.REJECTIONS))
         if end.reason is GiveUpReason.REJECTED:
             self._count("rejections")
             stage = "api"
@@ -417,6 +426,23 @@ class Delivery:
             api_error=result.api_error,
             retryable=end.retryable,
         )
+
+    def _misconfigured(self, result: Failure, end: GiveUp) -> FatalError | None:
+        """The fatal error when a rejection says the URL, a proxy or the credentials are wrong.
+
+        Only until Catena has accepted a message of this run (after that the URL is proven
+        right, and a 403/404/405 is about one message: the rejection breaker guards), except
+        for a 401 after a token refresh: the credentials are refused, whatever came before.
+        """
+        if end.reason is not GiveUpReason.REJECTED or result.status is None:
+            return None
+        if self._accepted_any and result.status != 401:
+            return None
+        if not is_configuration_failure(result.status, result.api_error):
+            return None
+        when = "" if self._accepted_any else "before any message was accepted"
+        text = configuration_problem("POST", self._client.messages_url, result.status, when=when)
+        return FatalError(text, kind=FatalKind.CONFIGURATION)
 
 
 _OUT_OF_BUDGET = (GiveUpReason.RETRIES, GiveUpReason.TIME)

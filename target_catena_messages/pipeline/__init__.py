@@ -7,6 +7,8 @@
   thread for copies handed back; one at a time under the admission lock).
 - :mod:`.recorder` — group commit → dead letters flushed → checkpoint settled → STATE line
   (the recorder thread; it never claims or submits).
+- :mod:`.preflight` — before input is read, the token and a size-1 operation-list read prove
+  the settings (reader thread, once).
 - :mod:`.run` — wires them; the end of a run (finish, abort, the summary).
 
 Threads: the *reader* (singer-sdk's main thread) prepares records and admits each batch;

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 from target_catena_messages.catena.errors import CatenaApiError
 from target_catena_messages.delivery.engine import Delivery
-from target_catena_messages.errors import FatalError
+from target_catena_messages.errors import FatalError, FatalKind
 from target_catena_messages.ledger import ClaimRequest, ClaimResult, Decision, Ledger
 from target_catena_messages.outcome import Message, Outcome, Resolution, Stage
 from target_catena_messages.pipeline.prepare import Preparer
@@ -345,7 +345,8 @@ class Admission:
                 raise FatalError(
                     f"invalid record in stream {m.stream} (key {m.key}): "
                     + "; ".join(f"{e['field']}: {e['message']}" for e in m.errors)
-                    + " (on_invalid_record: fail)"
+                    + " (on_invalid_record: fail)",
+                    kind=FatalKind.INVALID_RECORD,
                 )
             self._resolve(
                 Outcome(m, Resolution.DEAD_LETTERED, stage=Stage.VALIDATION, errors=tuple(m.errors))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from target_catena_messages import jsonutil
+from target_catena_messages.errors import FatalKind
 from target_catena_messages.outcome import DEAD_LETTER_STAGES, Resolution, Stage
 
 _ACCEPTED = Resolution.ACCEPTED
@@ -225,6 +226,7 @@ class RunReport:
         exit_code: int,
         elapsed: float,
         confirmation: Mapping[str, Any] | None = None,
+        fatal: FatalKind | None = None,
     ) -> tuple[list[str], dict[str, Any]]:
         """The human summary lines, and the object the final JSON line carries under ``summary``.
 
@@ -235,7 +237,8 @@ class RunReport:
 
         Each line reads on its own (a stage names the dead-lettering it counts): log
         collectors such as Meltano strip the indentation. :func:`emit_summary` writes them. The
-        confirmation block follows when ``confirmation`` is given.
+        confirmation block follows when ``confirmation`` is given. ``fatal`` says why the run
+        ended early (None: it did not), so a scheduler can tell "retry later" from "page someone".
         """
         failed = _failed_by_stream(confirmation)
         total = self.totals()
@@ -246,6 +249,7 @@ class RunReport:
         data: dict[str, Any] = {
             "run_id": self._run_id,
             "exit_code": exit_code,
+            "fatal": None if fatal is None else fatal.value,
             "elapsed_seconds": round(elapsed, 3),
             "records": records,
             "streams": streams,
@@ -258,7 +262,8 @@ class RunReport:
             data["confirmation"] = dict(confirmation)
         lines = [
             f"Catena delivery summary, run {self._run_id}: {plural(records, 'record')} in "
-            f"{_duration(elapsed)}, exit code {exit_code} ({_exit_meaning(exit_code)})",
+            f"{_duration(elapsed)}, exit code {exit_code} "
+            f"({_exit_meaning(exit_code) if fatal is None else 'ended early: ' + fatal.value})",
         ]
         blocks = list(streams.items())
         if len(blocks) != 1:
@@ -325,6 +330,7 @@ def _flat(data: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "run_id": data["run_id"],
         "exit_code": data["exit_code"],
+        "fatal": data.get("fatal"),
         "records": data["records"],
         "accepted": totals["accepted"],
         "duplicates": totals["duplicates"],

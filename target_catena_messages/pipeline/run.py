@@ -40,6 +40,9 @@ from target_catena_messages.outcome import Message
 from target_catena_messages.pipeline.admission import Admission
 from target_catena_messages.pipeline.backlog import Backlog
 from target_catena_messages.pipeline.checkpoint import Checkpointer
+from target_catena_messages.pipeline.preflight import (
+    preflight,
+)
 from target_catena_messages.pipeline.prepare import Preparer
 from target_catena_messages.pipeline.recorder import QueueItem, Recorder
 from target_catena_messages.pipeline.report import RunReport, emit_summary, plural
@@ -219,6 +222,22 @@ class Run:
         if not available.wait():
             raise available.fatal or Interrupted("interrupted by a signal")
 
+    def preflight(self) -> None:
+        """Before input is read: the token and a size-1 operation-list read (not in a dry run).
+
+        Raises:
+            FatalError: The URL, a proxy or the credentials are wrong (``configuration``), or
+                Catena is unavailable (``catena_unavailable``, from ``on_unavailable``).
+        """
+        if self._client is None or self._stop is None:
+            return  # a dry run: no request at all
+        preflight(
+            self._client,
+            connection_id=self.settings.default_connection_id or None,
+            on_unavailable=self.on_unavailable,
+            stop=self._stop,
+        )
+
     # -- reader thread -----------------------------------------------------------------------
 
     def dispatch(self, messages: Sequence[Message]) -> None:
@@ -257,7 +276,9 @@ class Run:
             raise error if isinstance(error, FatalError) else FatalError(f"admission: {error}")
         if self._recorder.error is not None:
             self._recorder_error_told = True
-            raise FatalError(f"recording outcomes failed: {self._recorder.error}")
+            raise FatalError(
+                f"recording outcomes failed: {self._recorder.error}", kind=FatalKind.CONFIGURATION
+            )
         if self.delivery is not None and self.delivery.fatal is not None:
             fatal = self.delivery.fatal
             raise fatal if isinstance(fatal, FatalError) else FatalError(str(fatal))
@@ -307,12 +328,15 @@ class Run:
         self.ledger.record_confirmations(ledger_updates(results))
         self._confirmation = summary_counts(results)
 
-    def abort(self, reason: BaseException, *, drain: bool = False) -> int:
+    def abort(
+        self, reason: BaseException, *, drain: bool = False, kind: FatalKind | None = None
+    ) -> int:
         """Fatal: send nothing new, let in-flight requests finish, write the safe STATE.
 
         ``drain``: the input failed, not the delivery: the batches already claimed are valid
         and were read before the bad line, so they are delivered first (a signal still cuts
         this short). Otherwise queued messages stay claimed for the next run.
+        ``kind``: why, for the summary; by default the error's own (see :func:`fatal_kind`).
         """
         self.critical = True  # a signal now stops delivery; it must not raise in here
         drain = drain and not self.stop_requested
@@ -327,9 +351,9 @@ class Run:
                 self.delivery.wait_idle()
             self.delivery.stop()
             self.delivery.wait_idle(self.settings.request_timeout_seconds + 5)
-        return self._close(fatal=reason)
+        return self._close(fatal=reason, kind=kind)
 
-    def _close(self, *, fatal: BaseException | None) -> int:
+    def _close(self, *, fatal: BaseException | None, kind: FatalKind | None = None) -> int:
         self._recorder.stop()
         if self.delivery is not None:
             self.delivery.close()
@@ -339,6 +363,10 @@ class Run:
         self._recorder.final_line()
         self.dead_letters.close()
         exit_code = 1 if fatal is not None or recorder_error is not None else 0
+        if fatal is not None:
+            kind = kind or fatal_kind(fatal)
+        elif recorder_error is not None:
+            kind = FatalKind.CONFIGURATION  # the ledger or the dead-letter file failed
         failed_at_catena = bool(self._confirmation and self._confirmation["failed"])
         if (
             exit_code == 0
@@ -355,9 +383,21 @@ class Run:
             exit_code=exit_code,
             elapsed=time.monotonic() - self._started,
             confirmation=self._confirmation,
+            fatal=kind,
         )
         emit_summary(lines, data, log=logger, write_line=self._stderr)
         return exit_code
+
+
+def fatal_kind(error: BaseException) -> FatalKind:
+    """Why a run ended, for the summary: a fatal error's own kind, else ``configuration``.
+
+    Errors that are not :class:`FatalError` reach the fatal path only as bugs or environment
+    failures (a ledger or file the target cannot use): none of them is cured by retrying later,
+    so they are reported as needing a person, like a setting. Input errors are named ``input``
+    by the caller, which knows them (see ``singer/target.py``).
+    """
+    return error.kind if isinstance(error, FatalError) else FatalKind.CONFIGURATION
 
 
 def _write_stderr(text: str) -> None:

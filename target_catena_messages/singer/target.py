@@ -43,7 +43,7 @@ from singer_sdk.singerlib.exceptions import InvalidInputLine
 
 from target_catena_messages import jsonutil
 from target_catena_messages.body.record import is_redrive_schema
-from target_catena_messages.errors import FatalError
+from target_catena_messages.errors import FatalError, FatalKind
 from target_catena_messages.pipeline.run import Interrupted, Run
 from target_catena_messages.redact import Redactor
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
@@ -160,7 +160,8 @@ class TargetCatenaMessages(Target):
         """BATCH files cannot be claimed record by record before they are read: refuse them."""
         raise FatalError(
             f"BATCH messages (stream {message_dict.get('stream')!r}) are not supported: "
-            "configure the tap to send RECORD messages"
+            "configure the tap to send RECORD messages",
+            kind=FatalKind.INPUT,
         )
 
     def process_endofpipe(self) -> None:
@@ -184,15 +185,22 @@ class TargetCatenaMessages(Target):
             raise Interrupted(f"interrupted by {name}")
 
     def run_to_end(self, file_input: IO[str] | None = None) -> int:
-        """Read all input and return the exit code; a fatal error writes the safe STATE first."""
+        """Read all input and return the exit code; a fatal error writes the safe STATE first.
+
+        The preflight (token and a size-1 operation-list read) comes before the first line is
+        read: wrong URLs or credentials end the run with nothing read and nothing claimed.
+        """
         try:
+            self.run.preflight()
             self.listen(file_input)
         except (FatalError, *_INPUT_ERRORS, ValueError) as exc:
             logger.error("%s", self._describe(exc))  # noqa: TRY400 - one line, no traceback
             logger.debug("details", exc_info=True)
+            kind = None
             if _is_input_error(exc):
+                kind = FatalKind.INPUT
                 self._hand_over_what_was_read()
-            return self.run.abort(exc, drain=not isinstance(exc, Interrupted))
+            return self.run.abort(exc, drain=not isinstance(exc, Interrupted), kind=kind)
         except Exception as exc:
             logger.error("unexpected error: %s: %s", type(exc).__name__, exc)  # noqa: TRY400
             logger.debug("details", exc_info=True)
