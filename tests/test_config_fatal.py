@@ -375,7 +375,9 @@ def test_catena_unavailable_at_start_ends_the_run_after_max_retry_seconds(
     assert result.stdout == ""
     assert sandbox.received() == []
     assert ledger_rows(tmp_path) == []
-    warnings = [x for x in result.stderr.splitlines() if "unavailable at start" in x]
+    warnings = [
+        x for x in result.stderr.splitlines() if "WARNING" in x and "Catena unavailable since" in x
+    ]
     assert len(warnings) == 1, result.stderr
     assert len(fatal_lines(result)) == 1, result.stderr
     assert requests_to(sandbox, "operations") >= 2

@@ -33,6 +33,7 @@ from target_catena_messages.ledger import (
     LedgerError,
     LedgerOutcome,
     LedgerReadOnlyError,
+    retryable_fingerprint,
 )
 from tests.pg import fresh_schema_url
 
@@ -372,6 +373,20 @@ def test_counters_restart_for_a_changed_body_after_a_dead_letter_and_on_rearm(
     assert a.rearm_dead_letters([(NS, "k2")], now=at(5)) == {"removed": 0, "ambiguous": 1}
     [k2] = a.claim([req("k2")], now=at(6))
     assert (k2.decision, k2.ambiguous_resends, k2.outage_exits) == (RECOVER, 0, 0)
+
+
+def test_a_retryable_dead_letter_tried_again_keeps_its_resend_count(
+    open_ledger: Callable[..., Ledger],
+) -> None:
+    """The cross-run cap on ambiguous resends must not restart through a retryable dead letter."""
+    a, b = open_ledger("run-a"), open_ledger("run-b")
+    a.claim([req("k1")], now=T0)
+    a.note_resend(NS, "k1")
+    a.note_resend(NS, "k1")
+    a.record([dead("k1", fp=retryable_fingerprint(FP1))], now=at(1))  # its retries ran out
+    [again] = b.claim([req("k1")], now=at(2))
+    assert (again.decision, again.ambiguous_resends) == (SEND, 2)
+    assert b.note_resend(NS, "k1") == 3
 
 
 def test_peek_reports_the_counters_a_claim_would_carry(

@@ -255,7 +255,7 @@ def test_an_outage_past_max_retry_seconds_ends_the_run_and_the_next_run_catches_
     first = run(tmp_path / "one", sandbox.url, records(1, 30), max_retry_seconds=3)
     ledger = f"sqlite:///{tmp_path / 'one' / 'ledger.sqlite'}"
     assert first.returncode == 1, first.stderr[-3000:]
-    assert first.dead_letters == []
+    assert first.dead_letters == [], (first.dead_letters, first.stderr[-6000:])
     fatal = [line for line in first.stderr.splitlines() if "fatal:" in line]
     assert len(fatal) == 1, fatal
     assert BEGAN in fatal[0]
@@ -365,25 +365,32 @@ def test_500s_and_429_storms_never_declare_an_outage(tmp_path: Path, sandbox_fac
 def test_three_outage_exits_in_a_row_make_a_retryable_dead_letter(
     tmp_path: Path, sandbox_factory: Any
 ) -> None:
-    url = closed_port()
+    # Each run: the start-up probe passes, the POST gets a 503, and so does every probe after.
+    down_after_preflight = plan(
+        {"kind": "status", "status": 503, "endpoint": "messages"},
+        {"kind": "status", "status": 503, "endpoint": "operations", "match": {"from": 2}},
+    )
     recs = records(1, 1)
     ledger = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
     dead = str(tmp_path / "dead-letters.jsonl")
     common: dict[str, Any] = {"max_retry_seconds": 1, "ledger_url": ledger}
     common["dead_letter_path"] = dead
     for n in (1, 2):
-        result = run(tmp_path / str(n), url, recs, **common)
+        down = sandbox_factory(down_after_preflight)
+        result = run(tmp_path / str(n), down.url, recs, **common)
         assert result.returncode == 1, result.stderr[-3000:]
-        assert result.dead_letters == []
+        assert result.dead_letters == [], result.stderr[-4000:]
         assert result.states == []
-    third = run(tmp_path / "3", url, recs, **common)
+        assert down.accepted_bodies() == []
+    down = sandbox_factory(down_after_preflight)
+    third = run(tmp_path / "3", down.url, recs, **common)
     assert third.returncode == 1, third.stderr[-3000:]
     assert [(d["key"], d["stage"], d["retryable"]) for d in third.dead_letters] == [
         ("1", "api", True)
     ]
     assert "3 runs in a row" in third.dead_letters[0]["errors"][0]["message"]
     assert bookmark(third) == 1  # STATE moves on past it
-    # The retryable dead letter is sent again by a later run once Catena is back.
+    # Retryable: a later run that reads the record again sends it once Catena is back.
     sandbox = sandbox_factory({})
     again = run(tmp_path / "4", sandbox.url, recs, max_retry_seconds=60, ledger_url=ledger)
     assert again.returncode == 0, again.stderr[-3000:]

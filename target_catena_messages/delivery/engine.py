@@ -362,6 +362,10 @@ class Delivery:
                     # Catena is down, not this message: wait for it, then a fresh budget.
                     state = state.renewed(step)
                     continue
+                if self._stop.is_set() or available.fatal is not None:
+                    # The run is ending (the outage outlasted max_retry_seconds, or a signal):
+                    # the message is left for the next run, never dead-lettered for that.
+                    return Outcome(message, Resolution.ABANDONED)
                 if step.pause:
                     self._throttle.pause(step.pause)
                 return self._given_up(message, result, step)

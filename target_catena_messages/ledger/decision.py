@@ -17,6 +17,7 @@ from target_catena_messages.ledger.records import (
     DEAD_LETTERED,
     ClaimResult,
     Decision,
+    retryable_fingerprint,
 )
 
 
@@ -69,6 +70,12 @@ def _decide(
                 operation_id=row["operation_id"],
                 stage=row["stage"],
                 **counters,
+            )
+        if row["fingerprint"] == retryable_fingerprint(fingerprint):
+            # The same message, tried again after a retryable dead letter: its resends after
+            # ambiguous attempts still count toward the cap (a new outage-exit count begins).
+            return ClaimResult(
+                Decision.SEND, stage=row["stage"], ambiguous_resends=row["ambiguous_resends"]
             )
         return ClaimResult(Decision.SEND, stage=row["stage"])  # a new message: counters from 0
     lease_until = row["lease_until"]
