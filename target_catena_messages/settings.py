@@ -193,7 +193,7 @@ class Settings:
     request_timeout_seconds: float = 30.0
     max_retries: int = 6
     max_retry_seconds: float = 900.0
-    max_ambiguous_resends: int = 1
+    max_ambiguous_resends: int = 3
     max_consecutive_rejections: int = 20
     operation_lookup_lag_seconds: float = 30.0
     message_time_field: str | None = None

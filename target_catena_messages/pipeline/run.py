@@ -167,6 +167,7 @@ class Run:
         delivery = Delivery(
             client,
             lookup=lookup,
+            before_resend=self._note_resend,
             stop=stop,
             on_outcome=on_outcome,
             policy=RetryPolicy(
@@ -180,6 +181,14 @@ class Run:
             is_sync=s.is_sync,
         )
         return delivery, resolver
+
+    def _note_resend(self, message: Message) -> int:
+        """Delivery is about to resend after an ambiguous attempt: count it, committed first.
+
+        The count spans runs (``max_ambiguous_resends`` caps it per key); the engine never
+        touches the ledger itself.
+        """
+        return self.ledger.note_resend(message.namespace, message.key)
 
     # -- reader thread -----------------------------------------------------------------------
 

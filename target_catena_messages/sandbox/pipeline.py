@@ -9,6 +9,7 @@ faithful processing; this keeps every fault kind working the same way on every e
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ class Runtime:
     fail: Matcher | None
     limiter: SlidingWindowLimiter | None
     users_by_id: dict[str, User]
+    tail_rng: random.Random  # the list-lag tail's draws: never shifts the fault plan's
 
     @classmethod
     def build(cls, config: SandboxConfig) -> Runtime:
@@ -52,6 +54,7 @@ class Runtime:
             fail=None if fail is None else Matcher(fail),
             limiter=None if rate is None else SlidingWindowLimiter(rate),
             users_by_id={user.id: user for user in config.users},
+            tail_rng=random.Random(config.faults.seed),
         )
 
 
