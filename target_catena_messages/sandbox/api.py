@@ -222,7 +222,8 @@ class CatenaApi(FaultPipeline):
         """Store the operation and answer in the configured body version's way."""
         config, body = ctx.rt.config, message.body
         fail = ctx.rt.fail
-        tail = config.list_lag_tail
+        tail = ctx.rt.tail
+        conn = body["connection_id"]
         op = self.store.create_operation(
             body,
             body["connection_id"],
@@ -237,8 +238,8 @@ class CatenaApi(FaultPipeline):
             fleet_ref=body.get("fleet_ref") or _fleet_ref(body, ctx.rt.users_by_id),
             fail_planned=fail is not None
             and fail.check(ctx.n, body["connection_id"], ctx.elapsed, ctx.rt.plan.rng),
-            list_delay=tail.seconds
-            if tail.probability and ctx.rt.tail_rng.random() < tail.probability
+            list_delay=config.list_lag_tail.seconds
+            if tail is not None and tail.check(ctx.n, conn, ctx.elapsed, ctx.rt.tail_rng)
             else 0.0,
         )
         message.entry["operation_id"] = op.id

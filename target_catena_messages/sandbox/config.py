@@ -133,13 +133,14 @@ class OperationsConfig:
 class LagTail:
     """A long tail of the list lag: some operations appear in LIST much later than the rest.
 
-    Each operation is drawn once, at creation (from its own generator seeded with the fault
-    plan's seed, so it never shifts the plan's draws): with ``probability`` it appears only
-    ``seconds`` after ``list_lag_seconds`` would have shown it.
+    Decided once per operation, at creation, by ``match`` over the POST /messages that created
+    it (a ``probability`` draws from the tail's own generator, seeded with the fault plan's seed,
+    so it never shifts the plan's draws): a matching operation appears only ``seconds`` after
+    ``list_lag_seconds`` would have shown it.
     """
 
-    probability: float = 0.0
     seconds: float = 0.0
+    match: Match | None = None
 
 
 TEXT_NORMALISATIONS = ("trim", "collapse_whitespace")
@@ -345,16 +346,13 @@ class _Reader:
     def _lag_tail(self, value: object) -> LagTail:
         if value is None:
             return LagTail()
-        obj = self._obj(value, "list_lag_tail", frozenset({"probability", "seconds"}))
-        probability = self._num(obj, "probability", "list_lag_tail.", None, 0.0)
+        obj = self._obj(value, "list_lag_tail", frozenset({"seconds", "match"}))
         seconds = self._num(obj, "seconds", "list_lag_tail.", None, 0.0)
-        if probability is None or seconds is None:
-            self._bad("list_lag_tail", "needs probability (0..1) and seconds (>= 0)")
+        match = self.match(obj["match"], "list_lag_tail.match") if "match" in obj else None
+        if seconds is None or match is None:
+            self._bad("list_lag_tail", "needs seconds (>= 0) and match (which operations lag)")
             return LagTail()
-        if probability > 1:
-            self._bad("list_lag_tail.probability", "must be between 0 and 1")
-            return LagTail()
-        return LagTail(probability, seconds)
+        return LagTail(seconds, match)
 
     def _normalisation(self, value: object) -> PayloadNormalisation:
         if value is None:
