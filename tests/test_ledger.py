@@ -254,6 +254,140 @@ def test_release_of_a_recovered_claim_keeps_it_ambiguous(
     assert c.claim([req("k1")], now=at(LEASE + 1)) == [ClaimResult(RECOVER, prior_claimed_at=T0)]
 
 
+# -- counters across runs: resends after ambiguous attempts, outage exits ----------------------
+
+
+def test_resends_are_counted_across_runs_and_a_claim_left_for_lookup_is_recovered_at_once(
+    open_ledger: Callable[..., Ledger],
+) -> None:
+    a, b, c = open_ledger("run-a"), open_ledger("run-b"), open_ledger("run-c")
+    a.claim([req("k1"), req("k2")], now=T0)
+    assert a.note_resend(NS, "k1") == 1
+    assert a.note_resend(NS, "k1") == 2
+    a.leave_for_lookup([((NS, "k1"), at(3)), ((NS, "k2"), at(4))])
+    row = a.get(NS, "k1")
+    assert row is not None
+    assert (row["status"], row["lease_until"], row["ambiguous_since"]) == ("claimed", None, at(3))
+    assert row["ambiguous_resends"] == 2
+    # Long before the lease would have run out, another run recovers it, counters carried.
+    [k1, k2] = b.claim([req("k1"), req("k2")], now=at(10))
+    assert k1 == ClaimResult(RECOVER, prior_claimed_at=at(3), ambiguous_resends=2)
+    assert k2 == ClaimResult(RECOVER, prior_claimed_at=at(4))
+    assert b.note_resend(NS, "k1") == 3
+    # b stops again: the earliest ambiguous time is kept, not replaced by b's attempt.
+    b.leave_for_lookup([((NS, "k1"), at(20))])
+    assert c.claim([req("k1")], now=at(30)) == [
+        ClaimResult(RECOVER, prior_claimed_at=at(3), ambiguous_resends=3)
+    ]
+    c.record([accepted("k1", "op-1")], now=at(31))
+    assert b.claim([req("k1")], now=at(32)) == [
+        ClaimResult(DUP, operation_id="op-1", ambiguous_resends=3)
+    ]
+
+
+def test_note_resend_refuses_a_claim_this_run_no_longer_holds(
+    open_ledger: Callable[..., Ledger],
+) -> None:
+    a, b = open_ledger("run-a"), open_ledger("run-b")
+    a.claim([req("k1")], now=T0)
+    b.claim([req("k1")], now=at(LEASE))  # a's lease ran out: b took the key over
+    with pytest.raises(LedgerError, match="no longer claimed by this run"):
+        a.note_resend(NS, "k1")
+    with pytest.raises(LedgerError, match="no longer claimed"):
+        a.note_resend(NS, "never-claimed")
+    a.leave_for_lookup([((NS, "k1"), T0)])  # not a's: untouched
+    row = b.get(NS, "k1")
+    assert row is not None
+    assert (row["run_id"], row["lease_until"], row["ambiguous_resends"]) == (
+        "run-b",
+        at(2 * LEASE),
+        0,
+    )
+
+
+def test_outage_exits_keep_the_row_and_count_across_runs(
+    open_ledger: Callable[..., Ledger],
+) -> None:
+    a, b, c = open_ledger("run-a"), open_ledger("run-b"), open_ledger("run-c")
+    a.claim([req("k1"), req("k2")], now=T0)
+    assert a.note_outage_exit([(NS, "k1"), (NS, "k2"), (NS, "unknown")]) == {
+        (NS, "k1"): 1,
+        (NS, "k2"): 1,
+    }
+    a.leave_for_lookup([((NS, "k2"), at(1))])  # k2 may have reached Catena
+    row = a.get(NS, "k1")
+    assert row is not None  # never sent, but kept: the count must survive
+    assert (row["status"], row["lease_until"], row["ambiguous_since"]) == ("claimed", None, None)
+    # At once, no lease to wait out: k1 is a plain send, k2 is looked up first.
+    assert b.claim([req("k1"), req("k2")], now=at(2)) == [
+        ClaimResult(SEND, outage_exits=1),
+        ClaimResult(RECOVER, prior_claimed_at=at(1), outage_exits=1),
+    ]
+    assert b.note_outage_exit([(NS, "k1")]) == {(NS, "k1"): 2}
+    b.release([(NS, "k2")])  # b never sent k2: still ambiguous, count kept
+    assert c.claim([req("k1"), req("k2")], now=at(3)) == [
+        ClaimResult(SEND, outage_exits=2),
+        ClaimResult(RECOVER, prior_claimed_at=at(1), outage_exits=1),
+    ]
+    assert c.note_outage_exit([(NS, "k1")]) == {(NS, "k1"): 3}
+    # Released after an outage exit (never sent): the row and its count stay.
+    assert decisions(a.claim([req("k1")], now=at(4))) == [SEND]
+    a.release([(NS, "k1")])
+    assert b.claim([req("k1")], now=at(5)) == [ClaimResult(SEND, outage_exits=3)]
+
+
+def test_a_claim_that_crashed_after_an_outage_exit_is_recovered(
+    open_ledger: Callable[..., Ledger],
+) -> None:
+    """A run that reclaimed an outage-left row and died holding it may have sent it."""
+    a, b, c = open_ledger("run-a"), open_ledger("run-b"), open_ledger("run-c")
+    a.claim([req("k1")], now=T0)
+    a.note_outage_exit([(NS, "k1")])
+    assert decisions(b.claim([req("k1")], now=at(1))) == [SEND]
+    assert c.claim([req("k1")], now=at(1 + LEASE)) == [
+        ClaimResult(RECOVER, prior_claimed_at=at(1), outage_exits=1)
+    ]
+
+
+def test_counters_restart_for_a_changed_body_after_a_dead_letter_and_on_rearm(
+    open_ledger: Callable[..., Ledger],
+) -> None:
+    a, b = open_ledger("run-a"), open_ledger("run-b")
+    a.claim([req("k1"), req("k2")], now=T0)
+    a.note_outage_exit([(NS, "k1"), (NS, "k2")])
+    b.claim([req("k1"), req("k2")], now=at(1))
+    b.note_resend(NS, "k1")
+    b.note_resend(NS, "k2")
+    b.record([dead("k1"), dead("k2", stage="ambiguous")], now=at(2))
+    # The same body is still the dead letter it was, counters and all.
+    assert a.claim([req("k1")], now=at(3)) == [
+        ClaimResult(PREV, stage="api", ambiguous_resends=1, outage_exits=1)
+    ]
+    # A changed body is a new message: counters from 0, in the result and the row.
+    assert a.claim([req("k1", FP2)], now=at(4)) == [ClaimResult(SEND, stage="api")]
+    row = a.get(NS, "k1")
+    assert row is not None
+    assert (row["ambiguous_resends"], row["outage_exits"]) == (0, 0)
+    # A re-armed ambiguous dead letter is looked up first, with a fresh budget.
+    assert a.rearm_dead_letters([(NS, "k2")], now=at(5)) == {"removed": 0, "ambiguous": 1}
+    [k2] = a.claim([req("k2")], now=at(6))
+    assert (k2.decision, k2.ambiguous_resends, k2.outage_exits) == (RECOVER, 0, 0)
+
+
+def test_peek_reports_the_counters_a_claim_would_carry(
+    open_ledger: Callable[..., Ledger],
+) -> None:
+    a = open_ledger("run-a")
+    a.claim([req("k1")], now=T0)
+    a.note_resend(NS, "k1")
+    a.note_outage_exit([(NS, "k1")])
+    a.leave_for_lookup([((NS, "k1"), T0)])
+    ro = open_ledger("dry", read_only=True)
+    assert ro.peek([req("k1")], now=at(1)) == [
+        ClaimResult(RECOVER, prior_claimed_at=T0, ambiguous_resends=1, outage_exits=1)
+    ]
+
+
 def test_operation_ids_in_use(open_ledger: Callable[..., Ledger]) -> None:
     a = open_ledger("run-a")
     a.claim([req("k1"), req("k2")], now=T0)
@@ -401,7 +535,7 @@ def test_schema_has_no_place_for_message_text(open_ledger: Callable[..., Ledger]
     assert set(TABLE.c.keys()) == {
         "namespace", "key", "status", "fingerprint", "operation_id", "stage", "attempts",
         "connection_id", "run_id", "claimed_at", "lease_until", "ambiguous_since",
-        "resolved_at", "confirmed_status", "updated_at",
+        "resolved_at", "confirmed_status", "updated_at", "ambiguous_resends", "outage_exits",
     }  # fmt: skip
     open_ledger("r")  # the table actually created matches the declaration
     text = "Please pick up load 42 at dock 7"

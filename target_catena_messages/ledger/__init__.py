@@ -18,12 +18,14 @@ POST happened. ``FULL`` fsyncs the WAL on every commit; we commit once per batch
 
 Only a hex fingerprint of each body is stored, never message text.
 
-The package, one job a module: ``records`` (values and errors), ``schema`` (the table and the
-statement cache), ``engines`` (URLs, SQLite and PostgreSQL engines), ``store`` (transactions and
-the statements every job shares), ``decision`` (the pure claim decision, run ids), ``claims``
-(claiming, peeking, leases, releasing), ``outcomes`` (outcomes, confirmations, re-arming dead
-letters), ``reads`` (rows and counts for reports, re-drive and recovery) and ``core`` (the
-:class:`Ledger` that callers open, which hands each call to its job).
+The package, one job a module: ``records`` (values and errors), ``schema`` (the tables and the
+statement cache), ``migrate`` (schema levels: creating, upgrading an older ledger in place,
+refusing a newer one), ``engines`` (URLs, SQLite and PostgreSQL engines), ``store``
+(transactions and the statements every job shares), ``decision`` (the pure claim decision, run
+ids), ``claims`` (claiming, peeking, leases, releasing, ending claims a stopped run leaves, the
+counters across runs), ``outcomes`` (outcomes, confirmations, re-arming dead letters), ``reads``
+(rows and counts for reports, re-drive and recovery) and ``core`` (the :class:`Ledger` that
+callers open, which hands each call to its job).
 """
 
 from target_catena_messages.ledger.core import Ledger

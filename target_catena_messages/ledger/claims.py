@@ -3,8 +3,11 @@
 A key is claimed (committed, with a lease) before anything is sent for it; the decision for a key
 that already has a row is :func:`~target_catena_messages.ledger.decision._decide`, shared with
 :meth:`Claims.peek` so a dry run decides exactly as a real run would. A claim ends with its outcome
-(``outcomes``), with :meth:`Claims.release` when it was never sent, or by running out of lease
-when its process died; the next claimant of an expired claim gets ``RECOVER``.
+(``outcomes``), with :meth:`Claims.release` when it was never sent, with
+:meth:`Claims.leave_for_lookup` or :meth:`Claims.note_outage_exit` when the run stops with it
+unresolved, or by running out of lease when its process died; the next claimant of an expired or
+ambiguous claim gets ``RECOVER``. The counters the ledger keeps across runs for a key (resends
+after ambiguous attempts, runs ended by an outage) are written here too: they belong to the claim.
 """
 
 from __future__ import annotations
@@ -97,12 +100,88 @@ class Claims:
         """Drop this run's claims that were never sent, so a later run sends them normally.
 
         A claim that carries an earlier ambiguous send (it came from ``RECOVER``) stays ambiguous:
-        its lease is ended instead, and the next claimant gets ``RECOVER`` again. A key that was
-        dead-lettered before and reclaimed for a changed body is removed like a new one.
+        its lease is ended instead, and the next claimant gets ``RECOVER`` again. So does a claim
+        with outage exits counted (its lease ended, the count kept; the next claimant sends it).
+        A key that was dead-lettered before and reclaimed for a changed body is removed like a
+        new one.
         """
         self._store.require_writable("release")
         at = utc(None)
         self._store.write(lambda conn: self._release_in(conn, keys, at))
+
+    def note_resend(self, namespace: str, key: str, *, now: datetime | None = None) -> int:
+        """Count one more resend after an ambiguous attempt of this run's claim on ``key``.
+
+        Committed before the resend's POST, so the limit on such resends holds across runs even
+        when this process dies right after sending.
+
+        Returns:
+            The key's resends after ambiguous attempts, across runs, this one included.
+
+        Raises:
+            LedgerError: the claim is no longer this run's (its lease ran out and another run
+                took the key): that run looks the key up first, and a resend here could make a
+                second copy.
+        """
+        self._store.require_writable("note_resend")
+        at = utc(now)
+        own = self._own((namespace, key))
+        stmt = (
+            sa.update(TABLE)
+            .where(own)
+            .values(ambiguous_resends=C.ambiguous_resends + 1, updated_at=at)
+            .returning(C.ambiguous_resends)
+        )
+        count = self._store.write(lambda conn: conn.execute(stmt).scalar_one_or_none())
+        if count is None:
+            raise LedgerError(
+                f"ledger at {self._store.location}: key {key!r} of stream namespace "
+                f"{namespace!r} is no longer claimed by this run; it is not sent again"
+            )
+        return int(count)
+
+    def leave_for_lookup(
+        self, items: Sequence[tuple[Key, datetime]], *, now: datetime | None = None
+    ) -> None:
+        """End this run's claims whose send may have reached Catena and stays unresolved.
+
+        For a run that stops with such keys: the lease ends now (a run elsewhere need not wait
+        it out) and the claim stays, ambiguous since the given time (the first attempt's start)
+        unless it already was; the next claimant gets ``RECOVER`` and looks the key up before
+        any resend. Never deleted.
+        """
+        self._store.require_writable("leave_for_lookup")
+        since: dict[Key, datetime] = {}
+        for key, started in items:
+            if key in since:
+                raise ValueError(f"key {key!r} passed twice in one ledger call")
+            since[key] = utc(started)
+        if not since:
+            return
+        at = utc(now)
+        held = self._store.write(lambda conn: self._leave_in(conn, since, at))
+        self._warn_not_held("left for lookup", held, len(since))
+
+    def note_outage_exit(
+        self, keys: Sequence[Key], *, now: datetime | None = None
+    ) -> dict[Key, int]:
+        """Count a run that ends because Catena is unavailable with these claims of its own.
+
+        Each claim's ``outage_exits`` grows by one and its lease ends; the row stays even if the
+        key was never sent, so the count carries over to the next claimant, which sends it (a
+        plain ``SEND``). A key whose send may have reached Catena must also be passed to
+        :meth:`leave_for_lookup` (before or after): that makes its next claim ``RECOVER``.
+
+        Returns:
+            Each key's new count; keys this run no longer holds are left out (and logged).
+        """
+        self._store.require_writable("note_outage_exit")
+        if not keys:
+            return {}
+        at = utc(now)
+        counts = self._store.write(lambda conn: self._outage_in(conn, keys, at))
+        self._warn_not_held("counted as outage exits", len(counts), len(set(keys)))
+        return counts
 
     # -- statements (inside a transaction) ------------------------------------------------------
 
@@ -127,7 +206,7 @@ class Claims:
                     ambiguous = (
                         result.prior_claimed_at if result.decision is Decision.RECOVER else None
                     )
-                    updates.append(self._claim_values(by_key[key], at, ambiguous))
+                    updates.append(self._claim_values(by_key[key], at, ambiguous, result))
             update_rows(conn, updates)
             pending = [k for k in pending if k not in results]
             if not pending:
@@ -152,9 +231,16 @@ class Claims:
         }
 
     def _claim_values(
-        self, request: ClaimRequest, at: datetime, ambiguous_since: datetime | None
+        self,
+        request: ClaimRequest,
+        at: datetime,
+        ambiguous_since: datetime | None,
+        decided: ClaimResult,
     ) -> dict[str, Any]:
-        """Every column of a reclaimed row: what an earlier claim or outcome left is reset."""
+        """Every column of a reclaimed row: what an earlier claim or outcome left is reset.
+
+        The counters are the decision's: kept for the same message, 0 for a new one.
+        """
         return {
             "namespace": request.namespace,
             "key": request.key,
@@ -171,7 +257,54 @@ class Claims:
             "resolved_at": None,
             "confirmed_status": None,
             "updated_at": at,
+            "ambiguous_resends": decided.ambiguous_resends,
+            "outage_exits": decided.outage_exits,
         }
+
+    def _own(self, key: Key) -> sa.ColumnElement[bool]:
+        """The row of ``key`` while this run holds its claim."""
+        return sa.and_(
+            C.namespace == key[0], C.key == key[1], C.status == CLAIMED, C.run_id == self.run_id
+        )
+
+    def _warn_not_held(self, what: str, held: int, asked: int) -> None:
+        if held < asked:
+            logger.warning(
+                "%d of %d ledger claims were no longer held by this run when %s",
+                asked - held,
+                asked,
+                what,
+            )
+
+    def _leave_in(self, conn: Connection, since: dict[Key, datetime], at: datetime) -> int:
+        held = 0
+        for namespace, group in chunks(list(since)):
+            own = sa.and_(match(namespace, group), C.status == CLAIMED, C.run_id == self.run_id)
+            locked = conn.execute(
+                sa.select(C.key).where(own).order_by(C.namespace, C.key).with_for_update()
+            ).scalars()
+            rows = [
+                {"b_namespace": namespace, "b_key": k, "b_since": since[(namespace, k)]}
+                for k in sorted(locked)
+            ]
+            if rows:
+                conn.execute(_leave_update(self.run_id, at), rows)
+            held += len(rows)
+        return held
+
+    def _outage_in(self, conn: Connection, keys: Sequence[Key], at: datetime) -> dict[Key, int]:
+        counts: dict[Key, int] = {}
+        for namespace, group in chunks(keys):
+            own = sa.and_(match(namespace, group), C.status == CLAIMED, C.run_id == self.run_id)
+            conn.execute(sa.select(C.key).where(own).order_by(C.namespace, C.key).with_for_update())
+            counted = conn.execute(
+                sa.update(TABLE)
+                .where(own)
+                .values(outage_exits=C.outage_exits + 1, lease_until=None, updated_at=at)
+                .returning(C.key, C.outage_exits)
+            )
+            counts.update({(namespace, k): int(n) for k, n in counted})
+        return counts
 
     def _update_own_claims(
         self, conn: Connection, keys: Sequence[Key], values: dict[str, Any]
@@ -187,11 +320,10 @@ class Claims:
         for namespace, group in chunks(keys):
             own = sa.and_(match(namespace, group), C.status == CLAIMED, C.run_id == self.run_id)
             conn.execute(sa.select(C.key).where(own).order_by(C.namespace, C.key).with_for_update())
-            conn.execute(sa.delete(TABLE).where(own, C.ambiguous_since.is_(None)))
+            fresh = sa.and_(C.ambiguous_since.is_(None), C.outage_exits == 0)
+            conn.execute(sa.delete(TABLE).where(own, fresh))
             conn.execute(
-                sa.update(TABLE)
-                .where(own, C.ambiguous_since.is_not(None))
-                .values(lease_until=None, updated_at=at)
+                sa.update(TABLE).where(own, sa.not_(fresh)).values(lease_until=None, updated_at=at)
             )
 
 
@@ -211,3 +343,23 @@ def _claim_insert(conn: Connection) -> Any:
         )
 
     return _per_dialect(conn, "claim", build)
+
+
+def _leave_update(run_id: str, at: datetime) -> Any:
+    """One claim left for lookup: lease ended, ambiguous since the given time unless already."""
+    return (
+        sa.update(TABLE)
+        .where(
+            C.namespace == sa.bindparam("b_namespace"),
+            C.key == sa.bindparam("b_key"),
+            C.status == CLAIMED,
+            C.run_id == run_id,
+        )
+        .values(
+            lease_until=None,
+            ambiguous_since=sa.func.coalesce(
+                C.ambiguous_since, sa.bindparam("b_since", type_=C.ambiguous_since.type)
+            ),
+            updated_at=at,
+        )
+    )

@@ -50,11 +50,11 @@ class Ledger:
     def open(
         cls, url: str, *, run_id: str, read_only: bool = False, lease_seconds: float = 300.0
     ) -> Ledger:
-        """Connect, and create the table if missing (never when read-only).
+        """Connect, and create or upgrade the tables (never when read-only).
 
         Raises:
             ConfigError: the URL is not a supported ledger URL.
-            LedgerError: the ledger cannot be opened or prepared.
+            LedgerError: the ledger cannot be opened or prepared, or a newer target wrote it.
         """
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
@@ -64,7 +64,11 @@ class Ledger:
         else:
             engine, location = _postgresql_engine(parsed, read_only=read_only)
         store = Store(engine, location=location, read_only=read_only)
-        store.prepare()
+        try:
+            store.prepare()
+        except BaseException:
+            store.close()
+            raise
         return cls(store, run_id=run_id, lease_seconds=lease_seconds)
 
     def __enter__(self) -> Ledger:
@@ -98,6 +102,18 @@ class Ledger:
     def release(self, keys: Sequence[Key]) -> None:
         """Give back this run's claims that were never sent: :meth:`Claims.release`."""
         self.claims.release(keys)
+
+    def note_resend(self, namespace: str, key: str) -> int:
+        """Count a resend after an ambiguous attempt: :meth:`Claims.note_resend`."""
+        return self.claims.note_resend(namespace, key)
+
+    def leave_for_lookup(self, items: Sequence[tuple[Key, datetime]]) -> None:
+        """End unresolved maybe-sent claims, ambiguous: :meth:`Claims.leave_for_lookup`."""
+        self.claims.leave_for_lookup(items)
+
+    def note_outage_exit(self, keys: Sequence[Key]) -> dict[Key, int]:
+        """Count an outage exit on this run's claims: :meth:`Claims.note_outage_exit`."""
+        return self.claims.note_outage_exit(keys)
 
     # -- outcomes -------------------------------------------------------------------------------
 

@@ -57,8 +57,9 @@ def _decide(
     """The claim decision for one existing row (pure; shared by claim and peek)."""
     if row is None:
         return _SEND  # a new key, the usual case: one immutable result shared by all
+    counters = {"ambiguous_resends": row["ambiguous_resends"], "outage_exits": row["outage_exits"]}
     if row["status"] == ACCEPTED:
-        return ClaimResult(Decision.DUPLICATE, operation_id=row["operation_id"])
+        return ClaimResult(Decision.DUPLICATE, operation_id=row["operation_id"], **counters)
     if row["status"] == DEAD_LETTERED:
         # An ambiguous key may have reached the driver: a changed body must not send it again
         # (only an explicit re-drive --rearm reopens it, through the operation lookup).
@@ -67,8 +68,9 @@ def _decide(
                 Decision.PREVIOUSLY_DEAD_LETTERED,
                 operation_id=row["operation_id"],
                 stage=row["stage"],
+                **counters,
             )
-        return ClaimResult(Decision.SEND, stage=row["stage"])
+        return ClaimResult(Decision.SEND, stage=row["stage"])  # a new message: counters from 0
     lease_until = row["lease_until"]
     if (
         row["run_id"] != run_id
@@ -76,11 +78,17 @@ def _decide(
         and lease_until > now
         and alive(row["run_id"])
     ):
-        return ClaimResult(Decision.IN_PROGRESS_ELSEWHERE, prior_claimed_at=row["claimed_at"])
+        return ClaimResult(
+            Decision.IN_PROGRESS_ELSEWHERE, prior_claimed_at=row["claimed_at"], **counters
+        )
+    if lease_until is None and row["ambiguous_since"] is None and row["outage_exits"]:
+        # Left by a run that ended for an outage, and never possibly sent (a send that may have
+        # reached Catena sets ambiguous_since): send, and keep counting outage exits.
+        return ClaimResult(Decision.SEND, **counters)
     # Expired, or (should not happen) claimed again by this very run: either way nobody can tell
     # whether a POST went out, so it is ambiguous rather than a plain SEND.
     return ClaimResult(
-        Decision.RECOVER, prior_claimed_at=row["ambiguous_since"] or row["claimed_at"]
+        Decision.RECOVER, prior_claimed_at=row["ambiguous_since"] or row["claimed_at"], **counters
     )
 
 

@@ -110,8 +110,9 @@ class Outcomes:
 
         A key dead-lettered as ``ambiguous`` may have reached Catena: it becomes an open claim
         without a lease that remembers since when it is ambiguous, so the next claimant gets
-        ``RECOVER`` and looks for an existing operation before any resend. Any other dead letter
-        is removed, as if the key had never been sent. Accepted and claimed keys are untouched.
+        ``RECOVER`` and looks for an existing operation before any resend; its counters start
+        again from 0 (the operator asked for a fresh try). Any other dead letter is removed, as
+        if the key had never been sent. Accepted and claimed keys are untouched.
 
         Returns:
             ``{"removed": n, "ambiguous": n}``.
@@ -239,6 +240,8 @@ def _rearm_in(conn: Connection, keys: Sequence[Key], at: datetime) -> dict[str, 
                 "ambiguous_since": row["claimed_at"] or row["resolved_at"] or row["updated_at"],
                 "resolved_at": None,
                 "updated_at": at,
+                "ambiguous_resends": 0,
+                "outage_exits": 0,
             }
         )
     for namespace, group in chunks(removed):

@@ -57,7 +57,7 @@ class Reads:
         self, *, namespace: str | None = None, status: str | None = None
     ) -> Iterator[dict[str, Any]]:
         """Matching rows in key order, fetched page by page (no transaction held between pages)."""
-        query = sa.select(TABLE)
+        query = sa.select(*self._store.row_columns)
         if namespace is not None:
             query = query.where(C.namespace == namespace)
         if status is not None:
@@ -113,7 +113,7 @@ class Reads:
         Without ``settled``, accepted keys that Catena did not report as pending or failed are
         left out: they are the bulk of any ledger and need nobody's attention.
         """
-        query = _report_filter(sa.select(TABLE), namespace, since, until)
+        query = _report_filter(sa.select(*self._store.row_columns), namespace, since, until)
         if not settled:
             query = query.where(
                 sa.or_(C.status != ACCEPTED, C.confirmed_status.in_(("pending", "failed")))

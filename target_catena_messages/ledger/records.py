@@ -69,13 +69,17 @@ class ClaimResult:
 
     ``prior_claimed_at`` is, for ``RECOVER``, the earliest moment an unresolved send of this key
     may have started (the lower bound for the operation lookup); for ``IN_PROGRESS_ELSEWHERE`` it
-    is when the holder claimed it.
+    is when the holder claimed it. ``ambiguous_resends`` and ``outage_exits`` are the row's
+    counters when the claim was decided, counted across runs (0 for a new key, and for a
+    dead-lettered key claimed again for a changed body: that is a new message).
     """
 
     decision: Decision
     operation_id: str | None = None
     stage: str | None = None
     prior_claimed_at: datetime | None = None
+    ambiguous_resends: int = 0
+    outage_exits: int = 0
 
 
 class _OutcomeFields(NamedTuple):

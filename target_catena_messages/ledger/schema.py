@@ -1,7 +1,8 @@
-"""The ledger table, its column types, and the per-dialect cache of statements built once.
+"""The ledger tables, their column types, and the per-dialect cache of statements built once.
 
-Separate so the one definition of the table (and the statement cache, which must exist once per
-process) sits apart from the jobs that read and write it, each of which holds its own statements.
+Separate so the one definition of the tables (and the statement cache, which must exist once per
+process) sits apart from the jobs that read and write them, each of which holds its own statements.
+How an older ledger is brought up to this definition is ``migrate``'s job.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from sqlalchemy.engine import Connection
 
 T = TypeVar("T")
 
-_DDL_LOCK_ID = 0x43_41_54_45_4E_41  # pg_advisory_xact_lock id for creating the table ("CATENA")
 _BOUND_TIMESTAMPS = 8  # converted timestamps remembered per column (see _UTCDateTime)
 
 
@@ -87,11 +87,24 @@ TABLE = sa.Table(
     sa.Column("resolved_at", _UTCDateTime()),
     sa.Column("confirmed_status", sa.String()),
     sa.Column("updated_at", _UTCDateTime(), nullable=False),
+    # Counted across runs while the key is unresolved, so limits hold over restarts: resends
+    # after an ambiguous attempt, and runs that ended for an outage with the key in flight.
+    sa.Column("ambiguous_resends", sa.Integer(), nullable=False, server_default=sa.text("0")),
+    sa.Column("outage_exits", sa.Integer(), nullable=False, server_default=sa.text("0")),
     sa.CheckConstraint(
         "status IN ('claimed', 'accepted', 'dead_lettered')", name="ck_catena_ledger_status"
     ),
 )
 C = TABLE.c
+
+# One row (id 1): the schema level of the ledger, so a target refuses a ledger a newer one wrote.
+META = sa.Table(
+    "catena_message_ledger_meta",
+    METADATA,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("schema_level", sa.Integer(), nullable=False),
+    sa.CheckConstraint("id = 1", name="ck_catena_ledger_meta_one_row"),
+)
 
 
 # Statements built once per process and dialect instead of once per batch, by (dialect, name);
@@ -106,10 +119,3 @@ def _per_dialect(conn: Connection, name: str, build: Callable[[], T]) -> T:
     if stmt is None:
         stmt = _STATEMENTS[key] = build()
     return stmt
-
-
-def _create_table(conn: Connection) -> None:
-    # Two processes may start at once: serialise the check-and-create (SQLite: BEGIN IMMEDIATE).
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_ID)))
-    METADATA.create_all(conn, checkfirst=True)

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from target_catena_messages.ledger.engines import _WRITE_OPTION
+from target_catena_messages.ledger.migrate import SCHEMA_LEVEL, readable_gaps, upgrade
 from target_catena_messages.ledger.records import (
     ClaimRequest,
     ConfirmedStatus,
@@ -27,7 +28,7 @@ from target_catena_messages.ledger.records import (
     LedgerOutcome,
     LedgerReadOnlyError,
 )
-from target_catena_messages.ledger.schema import TABLE, C, _create_table
+from target_catena_messages.ledger.schema import TABLE, C
 
 # The package's logger for every module of it: operators filter on one name.
 logger = logging.getLogger("target_catena_messages.ledger")
@@ -46,6 +47,9 @@ class Store:
         self.engine = engine  # None: a read-only ledger that does not exist yet (empty)
         self.location = location
         self.read_only = read_only
+        # What a row is read as: the table's columns, or a default for those an older ledger
+        # opened read-only lacks (set by prepare).
+        self.row_columns: tuple[sa.ColumnElement[Any], ...] = tuple(C)
 
     def close(self) -> None:
         """Release all connections."""
@@ -53,24 +57,41 @@ class Store:
             self.engine.dispose()
 
     def prepare(self) -> None:
-        """Create the table if missing (never when read-only) and check it has every column.
+        """Create or upgrade the tables (read-only: neither) and check they have every column.
+
+        An older ledger opened read-only stays as it is: the columns it lacks read as their
+        default, so a dry run decides exactly as the first real run will.
 
         Raises:
-            LedgerError: the table lacks columns (another version made it) or cannot be read.
+            LedgerError: a newer target wrote the ledger, the table lacks columns no upgrade
+                adds, or it cannot be read.
         """
         if self.engine is None:
             return
+        gaps: list[str] = []
         if self.read_only:
-            if not self.read(lambda conn: sa.inspect(conn).has_table(TABLE.name), False):
+            found = self.read(lambda conn: readable_gaps(conn, self.location), None)
+            if found is None:
                 self.close()
                 self.engine = None  # no table yet: an empty ledger, and we create nothing
                 return
+            gaps = found
+            self.row_columns = tuple(
+                sa.literal(0).label(name) if name in gaps else column for name, column in C.items()
+            )
         else:
-            self.write(_create_table)
+            was = self.write(lambda conn: upgrade(conn, self.location))
+            if was is not None:
+                logger.info(
+                    "ledger at %s upgraded from schema level %d to %d",
+                    self.location,
+                    was,
+                    SCHEMA_LEVEL,
+                )
         names: set[str] = self.read(
             lambda conn: {c["name"] for c in sa.inspect(conn).get_columns(TABLE.name)}, set()
         )
-        missing = sorted(set(C.keys()) - names)
+        missing = sorted(set(C.keys()) - names - set(gaps))
         if missing:
             raise LedgerError(
                 f"ledger table at {self.location} lacks columns {missing}; "
@@ -119,7 +140,8 @@ class Store:
     def lookup(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
         """Rows of ``keys`` read in one transaction, unlocked; keys without a row are absent."""
         empty: dict[Key, dict[str, Any]] = {}
-        return self.read(lambda conn: select_rows(conn, keys, lock=False), empty)
+        columns = self.row_columns
+        return self.read(lambda conn: select_rows(conn, keys, lock=False, columns=columns), empty)
 
     def fetch(self, query: sa.Select[Any]) -> list[dict[str, Any]]:
         """All rows of ``query`` as dicts, in one read transaction."""
@@ -151,11 +173,17 @@ class Store:
 # -- statements every job shares (inside a transaction) -----------------------------------------
 
 
-def select_rows(conn: Connection, keys: Sequence[Key], *, lock: bool) -> dict[Key, dict[str, Any]]:
+def select_rows(
+    conn: Connection,
+    keys: Sequence[Key],
+    *,
+    lock: bool,
+    columns: Sequence[sa.ColumnElement[Any]] = tuple(C),
+) -> dict[Key, dict[str, Any]]:
     """Full rows of ``keys``; ``lock`` takes their row locks in key order (the global order)."""
     found: dict[Key, dict[str, Any]] = {}
     for namespace, group in chunks(keys):
-        query = sa.select(TABLE).where(match(namespace, group)).order_by(C.namespace, C.key)
+        query = sa.select(*columns).where(match(namespace, group)).order_by(C.namespace, C.key)
         if lock:
             query = query.with_for_update()  # rendered on PostgreSQL; SQLite holds the db lock
         for row in conn.execute(query).mappings():

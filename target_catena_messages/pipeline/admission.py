@@ -317,6 +317,7 @@ class Admission:
                 m.recover = True
                 m.maybe_sent = True
                 m.prior_claimed_at = result.prior_claimed_at
+            m.ambiguous_resends, m.outage_exits = result.ambiguous_resends, result.outage_exits
             return True
         return False
 

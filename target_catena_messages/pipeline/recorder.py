@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from target_catena_messages.dead_letters import DeadLetterWriter
@@ -189,6 +190,7 @@ class Recorder:
         """Make a group durable (ledger, dead letters), then settle it."""
         records: list[LedgerOutcome] = []
         released: list[Key] = []
+        left: list[tuple[Key, datetime]] = []  # maybe sent, unresolved: for the next run's lookup
         confirm = self._settings.confirm_operations
         for o in batch:
             resolution = o.resolution
@@ -196,9 +198,12 @@ class Recorder:
                 continue
             m = o.message
             if resolution is _ABANDONED:
-                # Only a claim that was surely never sent may go (docs/design.md, rule 3).
+                # Only a claim that was surely never sent may go (docs/design.md, rule 3); one
+                # that may have been sent ends its lease, so no run elsewhere waits it out.
                 if not m.maybe_sent:
                     released.append((m.namespace, m.key))
+                else:
+                    left.append(((m.namespace, m.key), _first_attempt(m)))
                 continue
             if resolution in (Resolution.DEAD_LETTERED, Resolution.EXPIRED):
                 self._dead_letters.write(
@@ -246,6 +251,8 @@ class Recorder:
                 self._ledger.record(records)
             if released:
                 self._ledger.release(released)
+            if left:
+                self._ledger.leave_for_lookup(left)
         self._dead_letters.flush()
         self.checkpoint_trusted = False  # a failure while settling leaves it half-updated
         self._settle_all(batch, would_send)
@@ -359,3 +366,10 @@ _NOTHING_TO_WRITE = (
 _RESOLVED_SILENTLY = tuple(r for r in Resolution if r.resolves and r not in IN_STATE)
 _ABANDONED = Resolution.ABANDONED
 _WOULD_SEND = Resolution.WOULD_SEND
+
+
+def _first_attempt(m: Message) -> datetime:
+    """The earliest moment a send of ``m`` may have begun: the next run's lookup starts there."""
+    known = [t for t in (m.prior_claimed_at, m.first_sent_at) if t is not None]
+    # A maybe-sent message has one or both (recovered, or attempted); now is only a last resort.
+    return min(known) if known else datetime.now(timezone.utc)
