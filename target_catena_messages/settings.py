@@ -119,8 +119,8 @@ SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
     _p(
         "max_ambiguous_resends",
         th.IntegerType,
-        "Resends of an ambiguous send when no earlier operation is found.",
-        default=1,
+        "Resends of an ambiguous send when no earlier operation is found, per key across runs.",
+        default=3,
     ),
     _p(
         "max_consecutive_rejections",
