@@ -455,3 +455,53 @@ def test_an_expired_key_with_an_open_claim_is_looked_up_never_sent(
         [dead] = result.dead_letters
         assert (dead["key"], dead["stage"]) == ("1", "expired")
         assert "looked up" in dead["errors"][0]["message"]
+
+
+def test_the_self_check_waits_for_a_sample_then_settles_unverified_and_checks_again_later(
+    sandbox_factory: Any,
+    client_of: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No acceptance of this run on the connection yet: wait (bounded), then settle unverified."""
+    monkeypatch.setattr("target_catena_messages.delivery.lookup._SAMPLE_WAIT", timedelta(0))
+    box = sandbox_factory({})
+    client = client_of(box)
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.sqlite'}", run_id="test/1/a")
+    lookup = CatenaOperationLookup(client, ledger, lag_seconds=0.2, stop=threading.Event())
+    now = datetime.now(timezone.utc)
+
+    def message(text: str) -> Message:
+        return Message(
+            seq=1,
+            stream="s",
+            namespace="s",
+            key=text,
+            record={},
+            body=source_body(message_text=text),
+            fingerprint="f",
+            lane="l",
+            first_sent_at=now,
+            last_sent_at=now,
+            last_ended_at=now,
+        )
+
+    with caplog.at_level("WARNING", logger="target_catena_messages.delivery.lookup"):
+        found = lookup.settle(message("never sent"))
+        assert found.verdict is Verdict.NOT_CREATED
+        assert [
+            r.getMessage() for r in caplog.records if "no message of this run" in r.getMessage()
+        ]
+        assert lookup._checks[CONN] is MatcherCheck.UNVERIFIED
+        # An acceptance arrives: the next negative settle checks the matcher with it.
+        sent = message("accepted")
+        result = client.create_message(sent.body)
+        assert isinstance(result, Accepted)
+        sent.last_ended_at = datetime.now(timezone.utc)
+        lookup.accepted(sent, result.operation_id)
+        assert lookup.settle(message("also never sent")).verdict is Verdict.NOT_CREATED
+        assert lookup._checks[CONN] is MatcherCheck.VERIFIED
+        assert lookup.settle(message("accepted"), check=False).verdict is Verdict.ADOPT
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+    ledger.close()

@@ -332,8 +332,8 @@ class CatenaOperationLookup:
         """The connection's self-check result, checking now if it has none (None: unknown).
 
         One check at a time per connection; lookups arriving meanwhile wait for its result.
-        Only the first check waits for a sample; an unverified connection is checked again
-        (without waiting) at its next negative settle, once it has a sample.
+        Only the first check waits for a sample to come; an unverified connection is checked
+        again at its next negative settle (waiting at most the lag for a sample to ripen).
         """
         known = self._checks.get(connection_id)
         if known in _FINAL:
@@ -355,10 +355,12 @@ class CatenaOperationLookup:
         A sample whose operation is not in the list yet although its stored payload matches is
         a list lag outlier, not a matcher fault: the next sample is tried.
         """
-        deadline = self._now() + self._lag + _SAMPLE_WAIT
+        # A check again (after an unverified one) waits at most the lag: for a fresh sample to
+        # ripen, not for one to come.
+        deadline = self._now() + self._lag + (_SAMPLE_WAIT if wait else timedelta(0))
         tried: set[str] = set()
         while True:
-            sample = self._ripe_sample(connection_id, tried, deadline if wait else None)
+            sample = self._ripe_sample(connection_id, tried, deadline)
             if sample is None:
                 if self._stop.is_set():
                     return None
@@ -404,7 +406,7 @@ class CatenaOperationLookup:
             return MatcherCheck.FAILED
 
     def _ripe_sample(
-        self, connection_id: str, tried: set[str], deadline: datetime | None
+        self, connection_id: str, tried: set[str], deadline: datetime
     ) -> _Sample | None:
         """The newest untried sample whose lag has passed, waiting (until ``deadline``) for one.
 
@@ -419,7 +421,7 @@ class CatenaOperationLookup:
                 ripe = [s for s in waiting if s.ended_at + self._lag <= now]
                 if ripe:
                     return ripe[-1]
-                if deadline is None or now >= deadline or self._stop.is_set():
+                if now >= deadline or self._stop.is_set():
                     return None
                 until = min([deadline, *(s.ended_at + self._lag for s in waiting)])
                 self._sampled.wait(min(max((until - now).total_seconds(), 0.01), 1.0))
