@@ -119,8 +119,8 @@ SETTINGS_SCHEMA: dict[str, Any] = th.PropertiesList(
     _p(
         "max_ambiguous_resends",
         th.IntegerType,
-        "Resends of an ambiguous send when no earlier operation is found.",
-        default=1,
+        "Resends of an ambiguous send when no earlier operation is found, per key across runs.",
+        default=3,
     ),
     _p(
         "max_consecutive_rejections",
@@ -193,7 +193,7 @@ class Settings:
     request_timeout_seconds: float = 30.0
     max_retries: int = 6
     max_retry_seconds: float = 900.0
-    max_ambiguous_resends: int = 1
+    max_ambiguous_resends: int = 3
     max_consecutive_rejections: int = 20
     operation_lookup_lag_seconds: float = 30.0
     message_time_field: str | None = None

@@ -100,7 +100,7 @@ def test_adopts_only_the_operation_whose_payload_matches(
     assert lookup.find(_message(source_body(source_recipient_ids=["drv-3"]), now)) == (None, 0)
     _send(client, source_recipient_ids=["drv-1"])  # a second copy: which one is ours?
     again = _message(source_body(source_recipient_ids=["drv-1"]), now)
-    again.last_sent_at = datetime.now(timezone.utc)
+    again.last_sent_at = again.last_ended_at = datetime.now(timezone.utc)  # a fresher read
     assert lookup.find(again) == (None, 2)
 
 

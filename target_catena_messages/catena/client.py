@@ -252,9 +252,12 @@ class CatenaClient:
         return self._pages("operations", self._operations_url, params)
 
     def list_operation_summaries(
-        self, connection_id: str, *, from_datetime: datetime, to_datetime: datetime
+        self, connection_id: str, *, from_datetime: datetime, to_datetime: datetime | None = None
     ) -> Iterator[OperationSummary]:
         """Like :meth:`list_operations` (message creates, pages of 1000), as summaries only.
+
+        Without ``to_datetime`` the window ends at Catena's own now: no bound from our clock,
+        which may run behind Catena's (an operation created "after" our now would be missed).
 
         Raises:
             ValueError: A naive datetime (at call time).
@@ -487,14 +490,12 @@ def _failure(
 
 
 def _operations_query(
-    connection_id: str, from_datetime: datetime, to_datetime: datetime, size: int
+    connection_id: str, from_datetime: datetime, to_datetime: datetime | None, size: int
 ) -> list[tuple[str, str]]:
-    return [
-        ("connection_id", connection_id),
-        ("from_datetime", _iso_utc(from_datetime)),
-        ("to_datetime", _iso_utc(to_datetime)),
-        ("size", str(size)),
-    ]
+    params = [("connection_id", connection_id), ("from_datetime", _iso_utc(from_datetime))]
+    if to_datetime is not None:  # absent: Catena's now
+        params.append(("to_datetime", _iso_utc(to_datetime)))
+    return [*params, ("size", str(size))]
 
 
 def _summary_page(content: bytes) -> _SummaryPage | None:

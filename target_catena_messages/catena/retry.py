@@ -13,8 +13,9 @@ The rules that decide *whether* to retry live here and nowhere else (docs/retry.
 - a rejection is never retried; with a :class:`RejectionBreaker`, N rejections in a row with one
   status on one connection end the run;
 - a 429 is one shared pause, and for a create it does not use up a retry (only waiting time);
-- an ambiguous failure of a create is looked up before it is resent or given up, and resent at
-  most ``max_ambiguous_resends`` times; a read is simply retried;
+- an ambiguous failure of a create is looked up before it is resent or given up; a lookup that
+  finds nothing settles the send as not created (:meth:`RetryPolicy.settle`), and such resends
+  are capped at ``max_ambiguous_resends`` per key across runs; a read is simply retried;
 - while Catena is unavailable (``available`` answers False) a network failure uses up no retry.
 
 Why this module sits inside ``catena/``: the client's own loops (the token fetch) use it, and the
@@ -108,7 +109,8 @@ class RetryPolicy:
             and a server's retry-after is honoured whatever the status.
         count_throttled: Whether a 429 uses up a retry (reads keep their attempt counts) or only
             waiting time (creates: a rate limit says nothing about the message).
-        max_ambiguous_resends: Resends allowed after ambiguous attempts of a create.
+        max_ambiguous_resends: Resends allowed after ambiguous attempts of a create, per key
+            across runs (the caller seeds ``resends`` from the ledger's count).
         available: Whether Catena is reachable at all right now; while it is not, a network
             failure uses up no retry and no waiting time (the outage is the run's, not the
             request's).
@@ -129,7 +131,7 @@ class RetryPolicy:
     jitter: bool = True
     idempotent: bool = False
     count_throttled: bool = False
-    max_ambiguous_resends: int = 1
+    max_ambiguous_resends: int = 3
     available: Callable[[], bool] = field(default=always, compare=False, repr=False)
     retries: int = 0
     waited: float = 0.0
@@ -178,7 +180,11 @@ class RetryPolicy:
     # -- the state ----------------------------------------------------------------------------
 
     def resume(self, *, resends: int, maybe_sent: bool) -> RetryPolicy:
-        """The state of a request an earlier attempt (maybe of a dead run) may already have sent."""
+        """The state of a request an earlier attempt (maybe of a dead run) may already have sent.
+
+        ``resends``: the ambiguous resends already made for this key, by every run (the ledger's
+        count), so the cap holds across runs.
+        """
         return replace(self, resends=resends, maybe_sent=maybe_sent)
 
     def renewed(self, end: GiveUp) -> RetryPolicy:
@@ -186,20 +192,33 @@ class RetryPolicy:
 
         ``self`` is the state before the failure that ended in ``end`` (RETRIES or TIME after a
         failure that signalled an outage): those failures were the run's outage, not the
-        request's. What may already have reached Catena is kept, and an ambiguous last attempt
-        counts as the resend it now leads to.
+        request's. What may already have reached Catena is kept; a resend that follows an
+        ambiguous last attempt is counted by the caller (durably, before it is sent).
         """
         return replace(
             self,
             retries=0,
             waited=0.0,
-            resends=self.resends + (1 if end.look_up and not self.idempotent else 0),
             maybe_sent=end.maybe_sent,
             wait=0.0,
             shared_pause=False,
             look_up=False,
             history=end.history,
         )
+
+    @property
+    def may_resend(self) -> bool:
+        """Whether another resend after an ambiguous attempt stays within the cap."""
+        return self.resends < self.max_ambiguous_resends
+
+    def settle(self, resends: int) -> RetryPolicy:
+        """A lookup found no operation: the ambiguous send is settled as *not created*.
+
+        The message is no longer maybe-sent, so a later give-up for retries or time is a
+        retryable failure, not an ambiguous one. ``resends`` is the count the ledger committed
+        for the resend about to be made (it is authoritative: it spans runs).
+        """
+        return replace(self, resends=max(resends, self.resends), maybe_sent=False)
 
     def increment(
         self,

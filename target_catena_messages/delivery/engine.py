@@ -19,8 +19,12 @@ Why this shape:
 - *One retry model*: whether and when to resend, the lookup before an ambiguous resend, and the
   rejection breaker are the policy's (``catena/retry.py``, docs/retry.md); this module only
   carries its answers out (sleeps, pauses, lookups).
+- *Settling an ambiguous send*: a lookup that finds no operation settles it as not created (it is
+  no longer maybe-sent) and it is resent, each resend counted across runs through
+  ``before_resend`` before its POST; past ``max_ambiguous_resends``, several matches, an
+  unreadable list or a matcher that failed its self-check make an ``ambiguous`` dead letter.
 - The engine never touches the ledger, the dead letters or STATE: it reports each Outcome through
-  a callback; the run's recorder makes it durable.
+  a callback (and counts resends through another); the run wires both to the ledger.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -39,9 +44,10 @@ from target_catena_messages.catena.classify import configuration_problem, is_con
 from target_catena_messages.catena.client import Accepted, CatenaClient, Failure
 from target_catena_messages.catena.retry import GiveUp, GiveUpReason, RejectionBreaker, RetryPolicy
 from target_catena_messages.delivery.availability import Availability
+from target_catena_messages.delivery.lookup import Found, Verdict
 from target_catena_messages.delivery.throttle import Throttle
 from target_catena_messages.errors import FatalError, FatalKind
-from target_catena_messages.outcome import Message, Outcome, Resolution
+from target_catena_messages.outcome import Message, Outcome, Resolution, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +55,11 @@ logger = logging.getLogger(__name__)
 class OperationLookup(Protocol):
     """Finds the operation an ambiguous send may already have created (exactly-once support)."""
 
-    def find(self, message: Message) -> tuple[str | None, int]:
-        """Return (operation id, number of candidates); an id only when exactly one matched."""
+    def settle(self, message: Message, *, check: bool = True) -> Found:
+        """Look the message's operation up and say what its ambiguous send settles as."""
+
+    def accepted(self, message: Message, operation_id: str) -> None:
+        """A send of this run was accepted (the lookup checks its matcher on such operations)."""
 
 
 class FairSlots:
@@ -109,12 +118,19 @@ class Delivery:
         max_consecutive_rejections: int,
         is_sync: bool = False,
         lookup: OperationLookup | None = None,
+        before_resend: Callable[[Message], int] | None = None,
         stop: threading.Event | None = None,
         availability: Availability | None = None,
     ) -> None:
+        """Wire the engine; it starts no thread until messages are submitted.
+
+        ``before_resend`` counts one more resend of the message's key after an ambiguous
+        attempt, durably, and returns the count across runs; called before that resend's POST.
+        """
         self._client = client
         # Whether Catena is reachable at all: senders wait while it is not (availability.py).
         self._availability = availability or Availability.unmonitored()
+        self._before_resend = before_resend
         self._on_outcome = on_outcome
         self._policy = policy
         self._throttle = throttle
@@ -314,21 +330,30 @@ class Delivery:
             message.last_sent_at = datetime.now(timezone.utc)
             if message.first_sent_at is None:
                 message.first_sent_at = message.last_sent_at
-            return self._client.create_message(message.body, is_sync=self._is_sync)
+            try:
+                return self._client.create_message(message.body, is_sync=self._is_sync)
+            finally:
+                # The lag before a lookup counts from here: a timed-out send may still create
+                # its operation after we gave up on the answer.
+                message.last_ended_at = datetime.now(timezone.utc)
 
     def _deliver(self, message: Message) -> Outcome:
         """Send until accepted or given up; the policy decides every retry (docs/retry.md).
 
         The state starts as the policy itself, so a first attempt that is accepted allocates
-        nothing for retrying.
+        nothing for retrying. A recovered key (claimed by a run that died) is looked up first;
+        a lookup-only one (expired meanwhile) is only looked up, never sent.
         """
+        if message.lookup_only:
+            return self._look_up_only(message)
         state = self._policy
-        if message.recover or message.maybe_sent:
-            state = state.resume(resends=1 if message.recover else 0, maybe_sent=message.maybe_sent)
+        if message.recover or message.maybe_sent or message.ambiguous_resends:
+            state = state.resume(resends=message.ambiguous_resends, maybe_sent=message.maybe_sent)
         if message.recover:
-            found = self._look_up(message)
-            if found is not None:
-                return found
+            ended = self._settle(message, resend=state.may_resend)
+            if ended is not None:
+                return ended
+            state = state.settle(self._count_resend(message))
         available = self._availability
         while True:
             if (
@@ -336,12 +361,14 @@ class Delivery:
                 or not available.wait(self._stop)
                 or not self._throttle.wait_turn(self._stop)
             ):
-                return Outcome(message, Resolution.ABANDONED)
+                return self._abandoned(message, state)
             result = self._post(message)
             if isinstance(result, Accepted):
                 available.succeeded()
                 self._accepted_any = True
                 self._breaker.accepted(message.connection_id)
+                if self._lookup is not None:
+                    self._lookup.accepted(message, result.operation_id)
                 return Outcome(message, Resolution.ACCEPTED, operation_id=result.operation_id)
             available.failed(result.status, result.message)
             step = state.increment(
@@ -352,23 +379,16 @@ class Delivery:
                 scope=message.connection_id,
             )
             if step.look_up:
-                message.maybe_sent = True
-                self._count("ambiguous_sends")
-                found = self._look_up(message)
-                if found is not None:
-                    return found
+                settled = self._after_ambiguous(message, step)
+                if isinstance(settled, Outcome):
+                    return settled
+                step = settled
             if isinstance(step, GiveUp):
-                if step.reason in _OUT_OF_BUDGET and available.holds(result.status, self._stop):
-                    # Catena is down, not this message: wait for it, then a fresh budget.
-                    state = state.renewed(step)
-                    continue
-                if self._stop.is_set() or available.fatal is not None:
-                    # The run is ending (the outage outlasted max_retry_seconds, or a signal):
-                    # the message is left for the next run, never dead-lettered for that.
-                    return Outcome(message, Resolution.ABANDONED)
-                if step.pause:
-                    self._throttle.pause(step.pause)
-                return self._given_up(message, result, step)
+                renewed = self._give_up_or_renew(message, state, step, result)
+                if isinstance(renewed, Outcome):
+                    return renewed
+                state = renewed  # Catena was down, not this message: a fresh budget
+                continue
             state = step
             if step.shared_pause:
                 self._throttle.pause(step.wait)
@@ -377,35 +397,142 @@ class Delivery:
             with self._parked_worker():
                 stopped = self._stop.wait(step.wait)
             if stopped:
-                return Outcome(message, Resolution.ABANDONED)
+                return self._abandoned(message, state)
 
-    def _look_up(self, message: Message) -> Outcome | None:
+    def _give_up_or_renew(
+        self, message: Message, state: RetryPolicy, end: GiveUp, result: Failure
+    ) -> Outcome | RetryPolicy:
+        """The message's Outcome at the end of its retries, or the state to go on with.
+
+        Out of budget on a failure that may mean an outage: the run, not the message, decides
+        (``Availability.holds``). Catena down: wait for it, then a fresh budget (a renewed
+        state); the run ending meanwhile (the outage outlasted max_retry_seconds, or a signal):
+        left for the next run, never dead-lettered for that.
+        """
+        available = self._availability
+        if end.reason in _OUT_OF_BUDGET and available.holds(result.status, self._stop):
+            renewed = state.renewed(end)
+            if not end.look_up:
+                return renewed
+            # The last attempt was ambiguous and settled as not created: the next POST resends.
+            if not renewed.may_resend:
+                return _ambiguous(message, _resent_too_often(message))
+            return renewed.settle(self._count_resend(message))
+        if self._stop.is_set() or available.fatal is not None:
+            return self._abandoned(message, state)
+        if end.pause:
+            self._throttle.pause(end.pause)
+        return self._given_up(message, result, end)
+
+    def _after_ambiguous(
+        self, message: Message, step: RetryPolicy | GiveUp
+    ) -> Outcome | RetryPolicy | GiveUp:
+        """After an ambiguous attempt: its Outcome if the lookup ends it, else the next step.
+
+        Settled as not created, the message is resent (the resend counted first), or, when its
+        retries or time are used up, given up as a plain retryable failure.
+        """
+        message.maybe_sent = True
+        self._count("ambiguous_sends")
+        # A give-up for retries or time is not a resend: not created, it ends as a retryable
+        # failure; only a give-up for the resend cap has no resend left.
+        resend = isinstance(step, RetryPolicy) or step.reason is not GiveUpReason.RESENDS
+        ended = self._settle(message, resend=resend)
+        if ended is not None:
+            return ended
+        if isinstance(step, GiveUp):
+            return replace(step, maybe_sent=False)
+        return step.settle(self._count_resend(message))
+
+    def _abandoned(self, message: Message, state: RetryPolicy) -> Outcome:
+        """The run stopped first: the message is not resolved.
+
+        A key with an ambiguous attempt keeps its claim even when a lookup settled it: its
+        operation may still appear (a list lag beyond the configured one), so the next run looks
+        it up again, and its resend count lives on in that claim.
+        """
+        if state.resends or message.recover:
+            message.maybe_sent = True
+        return Outcome(message, Resolution.ABANDONED)
+
+    def _count_resend(self, message: Message) -> int:
+        """Count the coming resend durably (before its POST), then the message is not maybe-sent.
+
+        In that order: if counting fails, the message still counts as maybe sent and its claim
+        is kept.
+        """
+        if self._before_resend is not None:
+            message.ambiguous_resends = self._before_resend(message)
+        else:
+            message.ambiguous_resends += 1
+        message.maybe_sent = False
+        self._count("ambiguous_resends")
+        return message.ambiguous_resends
+
+    def _look_up(self, message: Message, *, check: bool) -> Found | None:
+        """The lookup's verdict; None when the run stopped during it without finding anything."""
         if self._lookup is None:
-            return None
+            return Found(Verdict.NOT_CREATED)
         with self._parked_worker():
-            operation_id, candidates = self._lookup.find(message)
-        if self._stop.is_set() and operation_id is None:
-            # Interrupted while looking: not resolved; the claim stays for the next run.
+            found = self._lookup.settle(message, check=check)
+        if self._stop.is_set() and found.verdict is not Verdict.ADOPT:
+            return None  # interrupted while looking: not resolved; the claim stays
+        return found
+
+    def _settle(self, message: Message, *, resend: bool) -> Outcome | None:
+        """Settle an ambiguous send by a lookup: the Outcome, or None to send it (again).
+
+        ``resend``: another resend is within ``max_ambiguous_resends``.
+        """
+        found = self._look_up(message, check=True)
+        if found is None:
+            message.maybe_sent = True
             return Outcome(message, Resolution.ABANDONED)
-        if operation_id is not None:
-            self._count("operations_adopted")
-            return Outcome(message, Resolution.ACCEPTED, operation_id=operation_id)
-        if candidates == 0:
-            return None
-        reason = (
-            f"{candidates} operations at Catena match this message"
-            if candidates > 1
-            else "Catena's operation list could not be read"
-        )
-        return Outcome(
-            message,
-            Resolution.DEAD_LETTERED,
-            stage="ambiguous",
-            errors=(
-                {"field": None, "message": f"{reason}; not resent (it may have been delivered)"},
-            ),
-            retryable=False,
-        )
+        verdict = found.verdict
+        if verdict is Verdict.ADOPT:
+            return self._adopted(message, found)
+        if verdict is Verdict.NOT_CREATED:
+            if resend:
+                return None
+            reason = _resent_too_often(message)
+        elif verdict is Verdict.SEVERAL:
+            reason = f"{found.candidates} operations at Catena match this message"
+        elif verdict is Verdict.UNCONFIRMED:
+            reason = (
+                "the operation list could not confirm that Catena did not create it (the lookup "
+                f"missed operations this run created on connection {found.connection_id})"
+            )
+        else:
+            reason = "Catena's operation list could not be read"
+        return _ambiguous(message, reason)
+
+    def _look_up_only(self, message: Message) -> Outcome:
+        """An expired key an earlier run's claim may have sent: adopt its operation, never send.
+
+        Not found: expired (never sent by us); the matcher's self-check is not needed, as no
+        second copy can come of a miss.
+        """
+        found = self._look_up(message, check=False)
+        if found is None:
+            return Outcome(message, Resolution.ABANDONED)
+        if found.verdict is Verdict.ADOPT:
+            return self._adopted(message, found)
+        if found.verdict is Verdict.NOT_CREATED:
+            error = {
+                "field": None,
+                "message": "older than max_message_age_hours: an earlier run claimed it, so it "
+                "was looked up at Catena and not found; never sent",
+            }
+            return Outcome(message, Resolution.EXPIRED, stage=Stage.EXPIRED, errors=(error,))
+        if found.verdict is Verdict.SEVERAL:
+            return _ambiguous(
+                message, f"{found.candidates} operations at Catena match this message"
+            )
+        return _ambiguous(message, "Catena's operation list could not be read")
+
+    def _adopted(self, message: Message, found: Found) -> Outcome:
+        self._count("operations_adopted")
+        return Outcome(message, Resolution.ACCEPTED, operation_id=found.operation_id)
 
     def _given_up(self, message: Message, result: Failure, end: GiveUp) -> Outcome:
         misconfigured = self._misconfigured(result, end)
@@ -450,6 +577,30 @@ class Delivery:
 
 
 _OUT_OF_BUDGET = (GiveUpReason.RETRIES, GiveUpReason.TIME)
+
+
+def _ambiguous(message: Message, reason: str) -> Outcome:
+    """The send may have reached Catena and cannot be settled: never resent."""
+    return Outcome(
+        message,
+        Resolution.DEAD_LETTERED,
+        stage=Stage.AMBIGUOUS,
+        errors=({"field": None, "message": f"{reason}; not resent (it may have been delivered)"},),
+        retryable=False,
+    )
+
+
+def _resent_too_often(message: Message) -> str:
+    return (
+        "no operation found at Catena, but this key was already resent "
+        f"{plural_times(message.ambiguous_resends)} after ambiguous attempts "
+        "(max_ambiguous_resends)"
+    )
+
+
+def plural_times(n: int) -> str:
+    """``once``, ``twice``, ``3 times``."""
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
 
 
 def _api_errors(result: Failure) -> tuple[dict[str, Any], ...]:

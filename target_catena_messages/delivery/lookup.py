@@ -8,14 +8,25 @@ connection, ``resource=message``, ``operation=create``, in a time window. We mat
 every non-null field we sent is there with the same value.
 
 One candidate: adopt its operation id (accepted, not resent). Several: we cannot tell which is
-ours, so the message is dead-lettered as ``ambiguous`` rather than risk a second copy. None: let
-delivery resend within ``max_ambiguous_resends``.
+ours, so the message is dead-lettered as ``ambiguous`` rather than risk a second copy. None: the
+send is *settled as not created* and delivery resends it (within ``max_ambiguous_resends``, per
+key across runs: the guard against a list that lags longer than configured).
+
+"None" is only worth that if the search would have found the operation. So before the first
+negative settle on a connection, the matcher checks itself on an operation this run knows it
+created (one of its own acceptances whose lag has passed): the same snapshot, the same
+``matches``. If Catena stores payloads our matcher cannot match, negative settling is switched off
+for that connection and its ambiguous sends are not resent (docs/retry.md, "The matcher
+self-check").
 
 The list lags: a new operation appears only after a while. So a lookup first waits until the lag
-has passed since our last attempt (for claims left by a dead process: since this run started), then
-reads the list once per connection and window. After a crash hundreds of keys may need a lookup;
-they share one wait and one snapshot of operation ids, indexed by message text, instead of one scan
-each; the payloads of the few operations with the right text are then fetched by id.
+has passed since our last attempt *ended* (a send that timed out may create its operation late;
+for claims left by a dead process, whose attempt's end is unknown: since this run started), then
+reads the list once per connection and window. The read has no upper bound from our clock (Catena
+ends it at its own now), so a clock running behind Catena's cannot hide an operation. After a
+crash hundreds of keys may need a lookup; they share one wait and one snapshot of operation ids,
+indexed by message text, instead of one scan each; the payloads of the few operations with the
+right text are then fetched by id.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
+from enum import Enum
 from typing import Any
 
 from target_catena_messages.catena.classify import FailureKind
@@ -59,20 +71,92 @@ _UNREADABLE = object()
 _REFRESH_OVERLAP = timedelta(seconds=10)
 # A refresh is shared (waits up to ``_refresh_every``) only once re-reading has become costly.
 _CHEAP_READ = 1000
+# The matcher self-check: acceptances kept per connection, and how long (beyond the lag) the
+# first negative settle on a connection waits for one when the run has none yet.
+_SAMPLES = 8
+_SAMPLE_WAIT = timedelta(seconds=30)
+
+
+class Verdict(str, Enum):
+    """What a lookup settles an ambiguous send as."""
+
+    ADOPT = "adopt"  # exactly one operation matches: ours, accepted after all
+    NOT_CREATED = "not_created"  # none matches: Catena did not create it; it may be sent again
+    SEVERAL = "several"  # more than one matches: which is ours cannot be told
+    UNREADABLE = "unreadable"  # the list (or an operation) could not be read: unknown
+    UNCONFIRMED = "unconfirmed"  # none matches, but the matcher failed its self-check
+
+
+class MatcherCheck(str, Enum):
+    """Whether the search finds operations this run knows it created, per connection."""
+
+    VERIFIED = "verified"  # it found one: a miss means "not created"
+    UNVERIFIED = "unverified"  # no acceptance of this run to check with: settled on trust
+    FAILED = "failed"  # it missed one: a miss means nothing on this connection
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A lookup's answer: the verdict, and the operation id when it is ADOPT."""
+
+    verdict: Verdict
+    operation_id: str | None = None
+    candidates: int = 0  # operations that matched (-1: the list could not be read)
+    connection_id: str | None = None
+
+
+def settle_verdict(candidates: int, check: MatcherCheck | None) -> Verdict:
+    """The settling rule (pure): what ``candidates`` matches mean, given the matcher's check.
+
+    ``check`` matters only when nothing matched; None there means the check itself could not be
+    made (the list was unreadable, or the run stopped): nothing is known.
+    """
+    if candidates < 0:
+        return Verdict.UNREADABLE
+    if candidates == 1:
+        return Verdict.ADOPT
+    if candidates > 1:
+        return Verdict.SEVERAL
+    if check is None:
+        return Verdict.UNREADABLE
+    if check is MatcherCheck.FAILED:
+        return Verdict.UNCONFIRMED
+    return Verdict.NOT_CREATED
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    """An operation this run created (an acceptance): what the self-check searches for."""
+
+    operation_id: str
+    body: Mapping[str, Any]
+    sent_at: datetime
+    ended_at: datetime
 
 
 def matches(payload: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
     """Whether a stored payload is this body: every non-null field we sent, equal."""
+    return not differing_fields(payload, body, first_only=True)
+
+
+def differing_fields(
+    payload: Mapping[str, Any], body: Mapping[str, Any], *, first_only: bool = False
+) -> list[str]:
+    """The non-null fields of ``body`` whose stored value differs (what a failed match names)."""
+    differ = []
     for name, value in body.items():
         if value is None:
             continue
         stored = payload.get(name)
         if isinstance(value, list) and isinstance(stored, list):
-            if sorted(map(str, value)) != sorted(map(str, stored)):
-                return False
-        elif stored != value:
-            return False
-    return True
+            same = sorted(map(str, value)) == sorted(map(str, stored))
+        else:
+            same = stored == value
+        if not same:
+            differ.append(name)
+            if first_only:
+                break
+    return differ
 
 
 @dataclass
@@ -125,6 +209,9 @@ def _created_at(text: str | None, default: datetime) -> float:
         return default.timestamp()  # unknown: kept as long as the newest
 
 
+_FINAL = (MatcherCheck.VERIFIED, MatcherCheck.FAILED)
+
+
 class CatenaOperationLookup:
     """Finds an earlier operation for an ambiguous message through the LIST endpoint.
 
@@ -160,6 +247,43 @@ class CatenaOperationLookup:
         self._lock = threading.Lock()
         self._snapshots: dict[str, _Snapshot] = {}
         self._active: list[datetime] = []  # the ``since`` of every lookup in progress
+        # The matcher self-check, per connection: recent acceptances, and the check's result.
+        self._samples: dict[str, deque[_Sample]] = {}
+        self._sampled = threading.Condition(self._lock)  # a sample arrived
+        self._checks: dict[str, MatcherCheck] = {}
+        self._checking: dict[str, threading.Lock] = {}  # one check at a time per connection
+
+    def accepted(self, message: Message, operation_id: str) -> None:
+        """An acceptance of this run: a sample for the matcher self-check of its connection.
+
+        Cheap on the hot path: nothing once the connection's check is settled either way.
+        """
+        connection_id = message.connection_id
+        if connection_id is None or self._checks.get(connection_id) in _FINAL:
+            return
+        ended = message.last_ended_at or self._now()
+        sample = _Sample(operation_id, message.body, message.last_sent_at or ended, ended)
+        with self._lock:
+            samples = self._samples.get(connection_id)
+            if samples is None:
+                samples = self._samples[connection_id] = deque(maxlen=_SAMPLES)
+            samples.append(sample)
+            self._sampled.notify_all()
+
+    def settle(self, message: Message, *, check: bool = True) -> Found:
+        """Look for the operation of an ambiguous send and settle it (``settle_verdict``).
+
+        ``check``: a negative answer will lead to a resend, so the matcher must have passed its
+        self-check on the connection first (a lookup-only message is never sent: no check).
+        """
+        operation_id, candidates = self.find(message)
+        connection_id = message.connection_id
+        matcher: MatcherCheck | None = MatcherCheck.UNVERIFIED
+        if candidates == 0 and check and connection_id is not None:
+            matcher = self._matcher_check(connection_id)
+        return Found(
+            settle_verdict(candidates, matcher), operation_id, candidates, message.connection_id
+        )
 
     def find(self, message: Message) -> tuple[str | None, int]:
         """Return (operation id, candidates): an id only when exactly one operation matches.
@@ -171,7 +295,7 @@ class CatenaOperationLookup:
         if connection_id is None:
             return None, 0
         since = (message.prior_claimed_at or message.first_sent_at or self._started) - _MARGIN
-        settled = (message.last_sent_at or self._started) + self._lag
+        settled = (message.last_ended_at or self._started) + self._lag
         with self._lock:
             self._active.append(since)
         try:
@@ -205,6 +329,126 @@ class CatenaOperationLookup:
             )
             return found[0], 1
         return None, len(found)
+
+    # -- the matcher self-check ---------------------------------------------------------------
+
+    def _matcher_check(self, connection_id: str) -> MatcherCheck | None:
+        """The connection's self-check result, checking now if it has none (None: unknown).
+
+        One check at a time per connection; lookups arriving meanwhile wait for its result.
+        Only the first check waits for a sample to come; an unverified connection is checked
+        again at its next negative settle (waiting at most the lag for a sample to ripen).
+        """
+        known = self._checks.get(connection_id)
+        if known in _FINAL:
+            return known
+        with self._lock:
+            checking = self._checking.setdefault(connection_id, threading.Lock())
+        with checking:
+            known = self._checks.get(connection_id)
+            if known in _FINAL:
+                return known
+            result = self._self_check(connection_id, wait=known is None)
+            if result is not None:
+                self._checks[connection_id] = result
+            return result
+
+    def _self_check(self, connection_id: str, *, wait: bool) -> MatcherCheck | None:
+        """Search for acceptances of this run the way a lookup does; FAILED at the first miss.
+
+        A sample whose operation is not in the list yet although its stored payload matches is
+        a list lag outlier, not a matcher fault: the next sample is tried.
+        """
+        # A check again (after an unverified one) waits at most the lag: for a fresh sample to
+        # ripen, not for one to come.
+        deadline = self._now() + self._lag + (_SAMPLE_WAIT if wait else timedelta(0))
+        tried: set[str] = set()
+        while True:
+            sample = self._ripe_sample(connection_id, tried, deadline)
+            if sample is None:
+                if self._stop.is_set():
+                    return None
+                if self._checks.get(connection_id) is None:
+                    logger.warning(
+                        "no message of this run was accepted on connection %s to check the "
+                        "operation lookup with: ambiguous sends there that are not found are "
+                        "resent unverified",
+                        connection_id,
+                    )
+                return MatcherCheck.UNVERIFIED
+            tried.add(sample.operation_id)
+            found = self._finds(connection_id, sample)
+            if found is None:
+                return None
+            if found:
+                return MatcherCheck.VERIFIED
+            payload = self._payload(connection_id, sample.operation_id)
+            if payload is _UNREADABLE:
+                return None
+            differ = differing_fields(payload, sample.body) if isinstance(payload, dict) else []
+            if isinstance(payload, dict) and not differ:
+                logger.info(
+                    "operation %s is not in Catena's operation list yet, %.0f s after it was "
+                    "created: its list lag is longer than operation_lookup_lag_seconds",
+                    sample.operation_id,
+                    (self._now() - sample.ended_at).total_seconds(),
+                )
+                continue
+            what = (
+                f"its stored payload differs in {', '.join(differ)}"
+                if differ
+                else "Catena did not return its payload"
+            )
+            logger.warning(
+                "the operation lookup cannot find operations this run created on connection %s "
+                "(operation %s: %s): ambiguous sends there whose operation is not found are not "
+                "resent but dead-lettered as ambiguous",
+                connection_id,
+                sample.operation_id,
+                what,
+            )
+            return MatcherCheck.FAILED
+
+    def _ripe_sample(
+        self, connection_id: str, tried: set[str], deadline: datetime
+    ) -> _Sample | None:
+        """The newest untried sample whose lag has passed, waiting (until ``deadline``) for one.
+
+        None: none came in time (or the run stopped).
+        """
+        with self._lock:
+            while True:
+                now = self._now()
+                waiting = [
+                    s for s in self._samples.get(connection_id, ()) if s.operation_id not in tried
+                ]
+                ripe = [s for s in waiting if s.ended_at + self._lag <= now]
+                if ripe:
+                    return ripe[-1]
+                if now >= deadline or self._stop.is_set():
+                    return None
+                until = min([deadline, *(s.ended_at + self._lag for s in waiting)])
+                self._sampled.wait(min(max((until - now).total_seconds(), 0.01), 1.0))
+
+    def _finds(self, connection_id: str, sample: _Sample) -> bool | None:
+        """Whether a lookup's search (snapshot, text index, ``matches``) finds the sample."""
+        since = sample.sent_at - _MARGIN
+        with self._lock:
+            self._active.append(since)
+        try:
+            key = text_key(sample.body.get("message_text"))
+            candidates = self._candidates(connection_id, since, sample.ended_at + self._lag, key)
+        finally:
+            with self._lock:
+                self._active.remove(since)
+        if candidates is None:
+            return None
+        if sample.operation_id not in candidates:
+            return False
+        payload = self._payload(connection_id, sample.operation_id)
+        if payload is _UNREADABLE:
+            return None
+        return isinstance(payload, dict) and matches(payload, sample.body)
 
     def _candidates(
         self, connection_id: str, since: datetime, settled: datetime, key: int
@@ -251,9 +495,7 @@ class CatenaOperationLookup:
             snap.last_read = 0
             try:
                 self._take_turn()
-                for op in self._client.list_operation_summaries(
-                    connection_id, from_datetime=start, to_datetime=now + timedelta(seconds=5)
-                ):
+                for op in self._client.list_operation_summaries(connection_id, from_datetime=start):
                     snap.add(op, now)
                     snap.last_read += 1
             except CatenaApiError as exc:

@@ -152,8 +152,8 @@ class Admission:
                 else:
                     pending[key] = []
                     (invalid if m.errors or m.expired else sendable).append(m)
-        for m, result in zip(invalid, self._ledger.peek(_claims(invalid)), strict=True):
-            self._decide_invalid(m, result)
+        peeked = zip(invalid, self._ledger.peek(_claims(invalid)), strict=True)
+        lookups = [m for m, result in peeked if self._decide_invalid(m, result)]
         behind = self._behind
         if behind:  # lanes waiting behind a key held elsewhere: their messages are not claimed
             sendable = self._wait_behind(sendable)
@@ -170,6 +170,12 @@ class Admission:
                 to_send.append(m)
         if would_send:
             self._resolve(would_send)
+        if lookups:  # expired keys with an open claim: claimed like sendable ones, in order
+            claimed = zip(lookups, self._ledger.claim(_claims(lookups)), strict=True)
+            to_send = sorted(
+                to_send + [m for m, result in claimed if self._decide_lookup(m, result)],
+                key=lambda m: m.seq,
+            )
         self._send(to_send)
         if self._duplicates:
             self._hint_changed_duplicates()
@@ -324,7 +330,8 @@ class Admission:
             keys,
         )
 
-    def _decide_invalid(self, m: Message, result: ClaimResult) -> None:
+    def _decide_invalid(self, m: Message, result: ClaimResult) -> bool:
+        """Resolve a message that is not to be sent; True: claim it for a lookup instead."""
         if result.decision is Decision.DUPLICATE:
             self._resolve(Outcome(m, Resolution.DUPLICATE, operation_id=result.operation_id))
             self._duplicates.append(m)
@@ -351,13 +358,32 @@ class Admission:
             self._resolve(
                 Outcome(m, Resolution.DEAD_LETTERED, stage=Stage.VALIDATION, errors=tuple(m.errors))
             )
+        elif result.decision in _OPEN_CLAIM and self._delivery is not None:
+            # An earlier run's claim may have sent it: look it up before calling it expired
+            # (it could be resent blindly after a re-arm otherwise). Never sent by this run.
+            m.lookup_only = True
+            return True
         else:
-            hours = self._settings.max_message_age_hours
-            expired = {
-                "field": self._settings.message_time_field,
-                "message": f"older than max_message_age_hours ({hours:g} h): never sent",
-            }
-            self._resolve(Outcome(m, Resolution.EXPIRED, stage=Stage.EXPIRED, errors=(expired,)))
+            self._expire(m)
+        return False
+
+    def _expire(self, m: Message) -> None:
+        hours = self._settings.max_message_age_hours
+        expired = {
+            "field": self._settings.message_time_field,
+            "message": f"older than max_message_age_hours ({hours:g} h): never sent",
+        }
+        self._resolve(Outcome(m, Resolution.EXPIRED, stage=Stage.EXPIRED, errors=(expired,)))
+
+    def _decide_lookup(self, m: Message, result: ClaimResult) -> bool:
+        """The claim of an expired key peeked as an open claim; True: delivery looks it up.
+
+        A plain SEND now means the holder let the key go unsent meanwhile: simply expired.
+        """
+        if result.decision is _SEND:
+            self._expire(m)
+            return False
+        return self._decide_sendable(m, result)
 
     def _decide_sendable(self, m: Message, result: ClaimResult) -> bool:
         """Act on a claim decision; True: ``m`` is to be sent (the caller passes it to _send)."""
@@ -397,6 +423,7 @@ class Admission:
 
 
 _SEND = Decision.SEND
+_OPEN_CLAIM = (Decision.RECOVER, Decision.IN_PROGRESS_ELSEWHERE)
 
 
 def _claims(messages: Sequence[Message]) -> list[ClaimRequest]:

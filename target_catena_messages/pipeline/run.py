@@ -189,6 +189,7 @@ class Run:
         delivery = Delivery(
             client,
             lookup=lookup,
+            before_resend=self._note_resend,
             stop=stop,
             on_outcome=on_outcome,
             policy=RetryPolicy(
@@ -237,6 +238,14 @@ class Run:
             on_unavailable=self.on_unavailable,
             stop=self._stop,
         )
+
+    def _note_resend(self, message: Message) -> int:
+        """Delivery is about to resend after an ambiguous attempt: count it, committed first.
+
+        The count spans runs (``max_ambiguous_resends`` caps it per key); the engine never
+        touches the ledger itself.
+        """
+        return self.ledger.note_resend(message.namespace, message.key)
 
     # -- reader thread -----------------------------------------------------------------------
 

@@ -222,15 +222,25 @@ class CatenaApi(FaultPipeline):
         """Store the operation and answer in the configured body version's way."""
         config, body = ctx.rt.config, message.body
         fail = ctx.rt.fail
+        tail = ctx.rt.tail
+        conn = body["connection_id"]
         op = self.store.create_operation(
             body,
             body["connection_id"],
-            _normalise(body, config.message_schema, ctx.rt.users_by_id),
+            _normalise(
+                body,
+                config.message_schema,
+                ctx.rt.users_by_id,
+                config.payload_normalisation.message_text,
+            ),
             partner_id=config.partner_id,
             source_name=config.source_name,
             fleet_ref=body.get("fleet_ref") or _fleet_ref(body, ctx.rt.users_by_id),
             fail_planned=fail is not None
             and fail.check(ctx.n, body["connection_id"], ctx.elapsed, ctx.rt.plan.rng),
+            list_delay=config.list_lag_tail.seconds
+            if tail is not None and tail.check(ctx.n, conn, ctx.elapsed, ctx.rt.tail_rng)
+            else 0.0,
         )
         message.entry["operation_id"] = op.id
         if config.message_schema == "source_ids":
@@ -300,7 +310,8 @@ class CatenaApi(FaultPipeline):
             items = [
                 op
                 for op in window
-                if q.operation_matches(_filterable(op), filters, clock.wall(op.created))
+                if op.created + op.list_delay <= visible_before
+                and q.operation_matches(_filterable(op), filters, clock.wall(op.created))
             ]
             keys = [op.seq for op in items]
             try:
@@ -392,9 +403,18 @@ def _user_read(user: User, source_name: str) -> dict[str, Any]:
     }
 
 
-def _normalise(body: dict[str, Any], schema: str, users: dict[str, User]) -> dict[str, Any]:
-    """The payload Catena stores: nulls dropped, keys sorted, source ids resolved when known."""
+def _normalise(
+    body: dict[str, Any], schema: str, users: dict[str, User], text: str | None = None
+) -> dict[str, Any]:
+    """The payload Catena stores: nulls dropped, keys sorted, source ids resolved when known.
+
+    ``text``: the configured ``payload_normalisation.message_text`` (trim or collapse), for
+    testing a matcher against a Catena that stores the text differently from how it was sent.
+    """
     payload = {key: value for key, value in body.items() if value is not None}
+    stored = payload.get("message_text")
+    if text is not None and isinstance(stored, str):
+        payload["message_text"] = stored.strip() if text == "trim" else " ".join(stored.split())
     if schema == "catena_ids":
         for catena_key, source_key in (
             ("sender_id", "source_sender_id"),

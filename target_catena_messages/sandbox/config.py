@@ -47,6 +47,8 @@ _TOP_KEYS = frozenset(
         "token_lifetime_seconds",
         "credentials",
         "list_lag_seconds",
+        "list_lag_tail",
+        "payload_normalisation",
         "rate_limit_per_second",
         "rate_limit_retry_after",
         "operations",
@@ -128,6 +130,35 @@ class OperationsConfig:
 
 
 @dataclass(frozen=True)
+class LagTail:
+    """A long tail of the list lag: some operations appear in LIST much later than the rest.
+
+    Decided once per operation, at creation, by ``match`` over the POST /messages that created
+    it (a ``probability`` draws from the tail's own generator, seeded with the fault plan's seed,
+    so it never shifts the plan's draws): a matching operation appears only ``seconds`` after
+    ``list_lag_seconds`` would have shown it.
+    """
+
+    seconds: float = 0.0
+    match: Match | None = None
+
+
+TEXT_NORMALISATIONS = ("trim", "collapse_whitespace")
+
+
+@dataclass(frozen=True)
+class PayloadNormalisation:
+    """How the stored payload differs from the body sent, beyond what Catena always does.
+
+    ``message_text``: ``trim`` strips leading and trailing whitespace, ``collapse_whitespace``
+    also turns every run of whitespace into one space. A matcher that compares the body sent
+    with the stored payload then cannot find the operation.
+    """
+
+    message_text: str | None = None
+
+
+@dataclass(frozen=True)
 class User:
     """A seeded telematics user (driver or dispatcher) of one connection."""
 
@@ -158,6 +189,8 @@ class SandboxConfig:
     token_lifetime_seconds: int = 3600
     credentials: tuple[Credentials, ...] = ()
     list_lag_seconds: float = 0.0
+    list_lag_tail: LagTail = field(default_factory=LagTail)
+    payload_normalisation: PayloadNormalisation = field(default_factory=PayloadNormalisation)
     rate_limit_per_second: float | None = None
     rate_limit_retry_after: bool = True
     operations: OperationsConfig = field(default_factory=OperationsConfig)
@@ -301,12 +334,32 @@ class _Reader:
             token_lifetime_seconds=3600 if lifetime is None else lifetime,
             credentials=self._credentials(data.get("credentials")),
             list_lag_seconds=lag or 0.0,
+            list_lag_tail=self._lag_tail(data.get("list_lag_tail")),
+            payload_normalisation=self._normalisation(data.get("payload_normalisation")),
             rate_limit_per_second=self._num(data, "rate_limit_per_second", "", None, 0.001),
             rate_limit_retry_after=self._bool(data, "rate_limit_retry_after", "", True),
             operations=self._operations(data.get("operations")),
             users=self._users(data.get("users")),
             faults=self._faults(data.get("faults")),
         )
+
+    def _lag_tail(self, value: object) -> LagTail:
+        if value is None:
+            return LagTail()
+        obj = self._obj(value, "list_lag_tail", frozenset({"seconds", "match"}))
+        seconds = self._num(obj, "seconds", "list_lag_tail.", None, 0.0)
+        match = self.match(obj["match"], "list_lag_tail.match") if "match" in obj else None
+        if seconds is None or match is None:
+            self._bad("list_lag_tail", "needs seconds (>= 0) and match (which operations lag)")
+            return LagTail()
+        return LagTail(seconds, match)
+
+    def _normalisation(self, value: object) -> PayloadNormalisation:
+        if value is None:
+            return PayloadNormalisation()
+        obj = self._obj(value, "payload_normalisation", frozenset({"message_text"}))
+        text = self._str(obj, "message_text", "payload_normalisation.", None, TEXT_NORMALISATIONS)
+        return PayloadNormalisation(message_text=text)
 
     def _credentials(self, value: object) -> tuple[Credentials, ...]:
         if value is None:

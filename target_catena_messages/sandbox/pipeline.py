@@ -9,6 +9,7 @@ faithful processing; this keeps every fault kind working the same way on every e
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,8 @@ class Runtime:
     fail: Matcher | None
     limiter: SlidingWindowLimiter | None
     users_by_id: dict[str, User]
+    tail: Matcher | None  # which operations the list shows late (list_lag_tail)
+    tail_rng: random.Random  # the tail's draws: never shifts the fault plan's
 
     @classmethod
     def build(cls, config: SandboxConfig) -> Runtime:
@@ -52,6 +55,10 @@ class Runtime:
             fail=None if fail is None else Matcher(fail),
             limiter=None if rate is None else SlidingWindowLimiter(rate),
             users_by_id={user.id: user for user in config.users},
+            tail=None
+            if config.list_lag_tail.match is None
+            else Matcher(config.list_lag_tail.match),
+            tail_rng=random.Random(config.faults.seed),
         )
 
 

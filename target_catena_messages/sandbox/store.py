@@ -89,6 +89,7 @@ class Operation:
     created: float
     updated: float
     fail_planned: bool = False
+    list_delay: float = 0.0  # beyond list_lag_seconds before LIST shows it (the lag's tail)
     status: str = "pending"
     resource_id: str | None = None
     source_id: str | None = None
