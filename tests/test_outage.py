@@ -107,6 +107,22 @@ def test_an_answer_during_the_quiet_time_clears_the_suspicion() -> None:
     assert a.counters() == {}
 
 
+def test_a_slow_answer_to_a_request_sent_before_the_failure_is_no_sign_of_life() -> None:
+    """A keep-alive request answered just after an outage began must not clear the suspicion."""
+    clock = Clock()
+    a = machine(clock)
+    clock.now += 5
+    a.failed(None)  # the outage's first failure, at t=5
+    clock.now += 1
+    a.succeeded(elapsed=3.0)  # sent at t=3, before it
+    a.failed(500, elapsed=2.0)  # sent at t=4: an answer, but from before it too
+    assert a.state is State.SUSPECT
+    clock.now += 10
+    assert a.plan(clock.now) == 0.0
+    a.record_probe(refused(), clock.now)
+    assert a.state is State.DOWN
+
+
 def test_a_probe_that_answers_while_suspect_is_no_outage() -> None:
     clock = Clock()
     a = machine(clock)

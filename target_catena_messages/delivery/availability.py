@@ -115,17 +115,25 @@ class Availability:
 
     # -- what callers report (any thread) ----------------------------------------------------
 
-    def succeeded(self) -> None:
-        """A request was answered as it should be: Catena is up. One store, no lock."""
-        self._last_answer = self._clock()
+    def succeeded(self, elapsed: float = 0.0) -> None:
+        """A request was answered as it should be: Catena is up. No lock.
 
-    def failed(self, status: int | None, message: str = "") -> None:
+        ``elapsed``: how long the request took. An answer proves Catena up only from when its
+        request was *sent*: a slow request sent before an outage and answered just after it
+        began must not pass for a sign of life (it would dead-letter messages that fail in the
+        outage's first seconds).
+        """
+        sent = self._clock() - elapsed
+        self._last_answer = max(self._last_answer, sent)
+
+    def failed(self, status: int | None, message: str = "", elapsed: float = 0.0) -> None:
         """A request failed; arms the prober when the failure may mean an outage.
 
-        Any HTTP answer that does not signal an outage (4xx, 429, 500) proves Catena answers.
+        Any HTTP answer that does not signal an outage (4xx, 429, 500) proves Catena answers
+        (from when it was sent, as for :meth:`succeeded`).
         """
         if not signals_outage(status):
-            self._last_answer = self._clock()
+            self.succeeded(elapsed)
             return
         if self._probe is None or self.state is not State.UP:
             return

@@ -364,13 +364,13 @@ class Delivery:
                 return self._abandoned(message, state)
             result = self._post(message)
             if isinstance(result, Accepted):
-                available.succeeded()
+                available.succeeded(result.elapsed)
                 self._accepted_any = True
                 self._breaker.accepted(message.connection_id)
                 if self._lookup is not None:
                     self._lookup.accepted(message, result.operation_id)
                 return Outcome(message, Resolution.ACCEPTED, operation_id=result.operation_id)
-            available.failed(result.status, result.message)
+            available.failed(result.status, result.message, result.elapsed)
             step = state.increment(
                 result.kind,
                 result.status,

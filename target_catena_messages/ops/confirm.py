@@ -211,7 +211,7 @@ def _ask(
     """One GET; updates ``seen`` (a worker owns its item for the round: no lock needed)."""
     answer = client.get_operation(item.connection_id, item.operation_id)
     if isinstance(answer, Failure):
-        available.failed(answer.status, answer.message)
+        available.failed(answer.status, answer.message, answer.elapsed)
         seen.problem = answer.message
         if answer.status == 429:
             pause.pause(answer.retry_after if answer.retry_after is not None else default_pause)
