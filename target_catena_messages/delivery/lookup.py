@@ -72,9 +72,12 @@ _REFRESH_OVERLAP = timedelta(seconds=10)
 # A refresh is shared (waits up to ``_refresh_every``) only once re-reading has become costly.
 _CHEAP_READ = 1000
 # The matcher self-check: acceptances kept per connection, and how long (beyond the lag) the
-# first negative settle on a connection waits for one when the run has none yet.
+# first negative settle on a connection waits for one when the run has none yet. Short: that
+# settle already waited out the lag since the run began, time in which any other lane of the
+# connection would have been accepted; with none accepted by then, none is coming (a re-run
+# after a crash often holds only the recovered keys) and a longer wait only holds STATE back.
 _SAMPLES = 8
-_SAMPLE_WAIT = timedelta(seconds=30)
+_SAMPLE_WAIT = timedelta(seconds=5)
 
 
 class Verdict(str, Enum):
