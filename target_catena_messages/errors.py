@@ -38,6 +38,12 @@ class FatalError(Exception):
             self.kind = kind
 
 
+class Interrupted(FatalError):
+    """SIGTERM or SIGINT: stop taking records, finish what is in flight, write the safe STATE."""
+
+    kind = FatalKind.INTERRUPTED
+
+
 class ConfigError(FatalError):
     """Settings, credentials or stream configuration are wrong; nothing was or will be sent."""
 

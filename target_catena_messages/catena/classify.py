@@ -11,7 +11,6 @@ doubt therefore resolves to :attr:`FailureKind.AMBIGUOUS`. docs/retry.md lists t
 
 from __future__ import annotations
 
-import http
 import http.client
 import math
 import ssl

@@ -200,8 +200,14 @@ class Delivery:
         self._stop.set()
 
     def fail(self, exc: BaseException) -> None:
-        """End the run with ``exc`` found outside delivery (the outage limit): send nothing new."""
-        self._fail(exc)
+        """End the run with ``exc`` (the first one counts): send nothing new.
+
+        Delivery's own fatal errors come here, and so do those found outside it (the outage
+        limit).
+        """
+        if self.fatal is None:
+            self.fatal = exc
+        self._stop.set()
 
     def close(self) -> None:
         """Stop the worker threads (after wait_idle or stop); queued messages end ABANDONED."""
@@ -271,7 +277,7 @@ class Delivery:
             try:
                 self._on_outcome(outcome)
             except Exception as exc:  # noqa: BLE001 - the recorder failed: nothing more may be sent
-                self._fail(exc)
+                self.fail(exc)
 
     def _retire(self) -> None:
         """With the lock held: the calling worker ends."""
@@ -305,11 +311,6 @@ class Delivery:
             with self._lock:
                 self._parked -= 1
 
-    def _fail(self, exc: BaseException) -> None:
-        if self.fatal is None:
-            self.fatal = exc
-        self._stop.set()
-
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] += n
@@ -318,10 +319,10 @@ class Delivery:
         try:
             return self._deliver(message)
         except FatalError as exc:
-            self._fail(exc)
+            self.fail(exc)
         except Exception as exc:  # a bug must stop the run, not lose the message
             logger.exception("delivery of %s/%s failed unexpectedly", message.stream, message.key)
-            self._fail(exc)
+            self.fail(exc)
         return Outcome(message, Resolution.ABANDONED)
 
     def _post(self, message: Message) -> Accepted | Failure:
@@ -488,23 +489,11 @@ class Delivery:
         if found is None:
             message.maybe_sent = True
             return Outcome(message, Resolution.ABANDONED)
-        verdict = found.verdict
-        if verdict is Verdict.ADOPT:
+        if found.verdict is Verdict.ADOPT:
             return self._adopted(message, found)
-        if verdict is Verdict.NOT_CREATED:
-            if resend:
-                return None
-            reason = _resent_too_often(message)
-        elif verdict is Verdict.SEVERAL:
-            reason = f"{found.candidates} operations at Catena match this message"
-        elif verdict is Verdict.UNCONFIRMED:
-            reason = (
-                "the operation list could not confirm that Catena did not create it (the lookup "
-                f"missed operations this run created on connection {found.connection_id})"
-            )
-        else:
-            reason = "Catena's operation list could not be read"
-        return _ambiguous(message, reason)
+        if found.verdict is Verdict.NOT_CREATED:
+            return None if resend else _ambiguous(message, _resent_too_often(message))
+        return _unsettled(message, found)
 
     def _look_up_only(self, message: Message) -> Outcome:
         """An expired key an earlier run's claim may have sent: adopt its operation, never send.
@@ -524,11 +513,7 @@ class Delivery:
                 "was looked up at Catena and not found; never sent",
             }
             return Outcome(message, Resolution.EXPIRED, stage=Stage.EXPIRED, errors=(error,))
-        if found.verdict is Verdict.SEVERAL:
-            return _ambiguous(
-                message, f"{found.candidates} operations at Catena match this message"
-            )
-        return _ambiguous(message, "Catena's operation list could not be read")
+        return _unsettled(message, found)
 
     def _adopted(self, message: Message, found: Found) -> Outcome:
         self._count("operations_adopted")
@@ -539,10 +524,10 @@ class Delivery:
         if misconfigured is not None:
             # About the settings, not the message: not dead-lettered. ABANDONED releases the
             # claim unless an earlier attempt may have reached Catena (then it is recovered).
-            self._fail(misconfigured)
+            self.fail(misconfigured)
             return Outcome(message, Resolution.ABANDONED)
         if end.fatal is not None:
-            self._fail(FatalError(end.fatal, kind=FatalKind.REJECTIONS))
+            self.fail(FatalError(end.fatal, kind=FatalKind.REJECTIONS))
         if end.reason is GiveUpReason.REJECTED:
             self._count("rejections")
             stage = "api"
@@ -588,6 +573,20 @@ def _ambiguous(message: Message, reason: str) -> Outcome:
         errors=({"field": None, "message": f"{reason}; not resent (it may have been delivered)"},),
         retryable=False,
     )
+
+
+def _unsettled(message: Message, found: Found) -> Outcome:
+    """The ambiguous dead letter of a lookup that neither adopted nor settled "not created"."""
+    if found.verdict is Verdict.SEVERAL:
+        reason = f"{found.candidates} operations at Catena match this message"
+    elif found.verdict is Verdict.UNCONFIRMED:
+        reason = (
+            "the operation list could not confirm that Catena did not create it (the lookup "
+            f"missed operations this run created on connection {found.connection_id})"
+        )
+    else:
+        reason = "Catena's operation list could not be read"
+    return _ambiguous(message, reason)
 
 
 def _resent_too_often(message: Message) -> str:

@@ -34,7 +34,7 @@ from target_catena_messages.catena.classify import (
 )
 from target_catena_messages.catena.client import CatenaClient, Failure
 from target_catena_messages.catena.retry import GiveUp, RetryPolicy
-from target_catena_messages.errors import FatalError, FatalKind
+from target_catena_messages.errors import FatalError, FatalKind, Interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def preflight(
     state = policy
     while True:
         if stop.is_set():
-            raise FatalError("interrupted by a signal", kind=FatalKind.INTERRUPTED)
+            raise Interrupted("interrupted by a signal")
         failure = client.probe(connection_id)  # CredentialsRefused is a FatalError already
         if failure is None:
             return

@@ -28,7 +28,7 @@ from target_catena_messages.delivery.availability import Availability
 from target_catena_messages.delivery.engine import Delivery
 from target_catena_messages.delivery.lookup import CatenaOperationLookup
 from target_catena_messages.delivery.throttle import Throttle
-from target_catena_messages.errors import FatalError, FatalKind
+from target_catena_messages.errors import FatalError, FatalKind, Interrupted
 from target_catena_messages.ledger import Ledger, new_run_id
 from target_catena_messages.ops.confirm import (
     confirm_operations,
@@ -40,9 +40,7 @@ from target_catena_messages.outcome import Message
 from target_catena_messages.pipeline.admission import Admission
 from target_catena_messages.pipeline.backlog import Backlog
 from target_catena_messages.pipeline.checkpoint import Checkpointer
-from target_catena_messages.pipeline.preflight import (
-    preflight,
-)
+from target_catena_messages.pipeline.preflight import preflight
 from target_catena_messages.pipeline.prepare import Preparer
 from target_catena_messages.pipeline.recorder import QueueItem, Recorder
 from target_catena_messages.pipeline.report import RunReport, emit_summary, plural
@@ -52,12 +50,6 @@ from target_catena_messages.settings import Settings
 from target_catena_messages.tuning import outage_probe_cap_seconds, outage_quiet_seconds
 
 logger = logging.getLogger(__name__)
-
-
-class Interrupted(FatalError):
-    """SIGTERM or SIGINT: stop taking records, finish what is in flight, write the safe STATE."""
-
-    kind = FatalKind.INTERRUPTED
 
 
 class Run:

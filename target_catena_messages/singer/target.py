@@ -43,8 +43,8 @@ from singer_sdk.singerlib.exceptions import InvalidInputLine
 
 from target_catena_messages import jsonutil
 from target_catena_messages.body.record import is_redrive_schema
-from target_catena_messages.errors import FatalError, FatalKind
-from target_catena_messages.pipeline.run import Interrupted, Run
+from target_catena_messages.errors import FatalError, FatalKind, Interrupted
+from target_catena_messages.pipeline.run import Run
 from target_catena_messages.redact import Redactor
 from target_catena_messages.settings import SETTINGS_SCHEMA, Settings
 from target_catena_messages.singer.reader import MessageReader
