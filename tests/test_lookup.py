@@ -120,3 +120,31 @@ def test_a_pruned_operation_is_read_again_for_a_lookup_that_reaches_back_to_it(
     sent = datetime.now(timezone.utc) - timedelta(seconds=1)
     assert lookup.find(_message(source_body(message_text="early"), sent)) == (early, 1)
     assert lookup._snapshots[CONN].by_text[text_key("early")] == [early]
+
+
+def test_an_acceptance_never_waits_for_a_list_read_in_progress(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Every accepted send hands the lookup a self-check sample: it must not queue behind a read.
+
+    The read holds the snapshot lock for as long as Catena takes to answer the page.
+    """
+    box = sandbox_factory(
+        {"faults": {"rules": [{"kind": "latency", "endpoint": "operations", "ms": 3000}]}}
+    )
+    session: HttpTransport = make_session(4)
+    tokens = ClientCredentialsTokenProvider(session, box.url + TOKEN_PATH, CLIENT_ID, SECRET)
+    slow = CatenaClient(box.url, tokens, session, timeout=10.0)
+    try:
+        lookup = _lookup(slow, tmp_path)
+        sent = datetime.now(timezone.utc) - timedelta(seconds=1)
+        reading = threading.Thread(target=lookup.find, args=(_message(source_body(), sent),))
+        reading.start()
+        while not box.stats()["requests"].get("operations"):  # the read is in, the lock held
+            assert reading.is_alive()
+            threading.Event().wait(0.02)
+        lookup.accepted(_message(source_body(message_text="other"), sent), "op-accepted")
+        assert reading.is_alive()  # the acceptance came back while the read still ran
+        reading.join()
+    finally:
+        session.close()

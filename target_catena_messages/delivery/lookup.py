@@ -34,7 +34,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from enum import Enum
@@ -252,7 +253,9 @@ class CatenaOperationLookup:
         self._active: list[datetime] = []  # the ``since`` of every lookup in progress
         # The matcher self-check, per connection: recent acceptances, and the check's result.
         self._samples: dict[str, deque[_Sample]] = {}
-        self._sampled = threading.Condition(self._lock)  # a sample arrived
+        # Guards the samples; a self-check waits on it for one. Not ``_lock``: that one is held
+        # while a list page is read, and every acceptance of the run would wait for the read.
+        self._sampled = threading.Condition()
         self._checks: dict[str, MatcherCheck] = {}
         self._checking: dict[str, threading.Lock] = {}  # one check at a time per connection
 
@@ -266,7 +269,7 @@ class CatenaOperationLookup:
             return
         ended = message.last_ended_at or self._now()
         sample = _Sample(operation_id, message.body, message.last_sent_at or ended, ended)
-        with self._lock:
+        with self._sampled:
             samples = self._samples.get(connection_id)
             if samples is None:
                 samples = self._samples[connection_id] = deque(maxlen=_SAMPLES)
@@ -299,18 +302,13 @@ class CatenaOperationLookup:
             return None, 0
         since = (message.prior_claimed_at or message.first_sent_at or self._started) - _MARGIN
         settled = (message.last_ended_at or self._started) + self._lag
-        with self._lock:
-            self._active.append(since)
-        try:
+        with self._reaching_back(since):
             wait = (settled - self._now()).total_seconds()
             if wait > 0 and self._stop.wait(wait):
                 return None, -1
             candidates = self._candidates(
                 connection_id, since, settled, text_key(message.body.get("message_text"))
             )
-        finally:
-            with self._lock:
-                self._active.remove(since)
         if candidates is None:
             return None, -1
         if candidates:
@@ -419,7 +417,7 @@ class CatenaOperationLookup:
 
         None: none came in time (or the run stopped).
         """
-        with self._lock:
+        with self._sampled:
             while True:
                 now = self._now()
                 waiting = [
@@ -436,14 +434,9 @@ class CatenaOperationLookup:
     def _finds(self, connection_id: str, sample: _Sample) -> bool | None:
         """Whether a lookup's search (snapshot, text index, ``matches``) finds the sample."""
         since = sample.sent_at - _MARGIN
-        with self._lock:
-            self._active.append(since)
-        try:
+        with self._reaching_back(since):
             key = text_key(sample.body.get("message_text"))
             candidates = self._candidates(connection_id, since, sample.ended_at + self._lag, key)
-        finally:
-            with self._lock:
-                self._active.remove(since)
         if candidates is None:
             return None
         if sample.operation_id not in candidates:
@@ -452,6 +445,17 @@ class CatenaOperationLookup:
         if payload is _UNREADABLE:
             return None
         return isinstance(payload, dict) and matches(payload, sample.body)
+
+    @contextmanager
+    def _reaching_back(self, since: datetime) -> Iterator[None]:
+        """A search in progress reaches back to ``since``: snapshots keep what it needs."""
+        with self._lock:
+            self._active.append(since)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active.remove(since)
 
     def _candidates(
         self, connection_id: str, since: datetime, settled: datetime, key: int
