@@ -279,10 +279,7 @@ class Claims:
     def _leave_in(self, conn: Connection, since: dict[Key, datetime], at: datetime) -> int:
         held = 0
         for namespace, group in chunks(list(since)):
-            own = sa.and_(match(namespace, group), C.status == CLAIMED, C.run_id == self.run_id)
-            locked = conn.execute(
-                sa.select(C.key).where(own).order_by(C.namespace, C.key).with_for_update()
-            ).scalars()
+            _, locked = self._lock_own(conn, namespace, group)
             rows = [
                 {"b_namespace": namespace, "b_key": k, "b_since": since[(namespace, k)]}
                 for k in sorted(locked)
@@ -295,8 +292,7 @@ class Claims:
     def _outage_in(self, conn: Connection, keys: Sequence[Key], at: datetime) -> dict[Key, int]:
         counts: dict[Key, int] = {}
         for namespace, group in chunks(keys):
-            own = sa.and_(match(namespace, group), C.status == CLAIMED, C.run_id == self.run_id)
-            conn.execute(sa.select(C.key).where(own).order_by(C.namespace, C.key).with_for_update())
+            own, _ = self._lock_own(conn, namespace, group)
             counted = conn.execute(
                 sa.update(TABLE)
                 .where(own)
@@ -306,20 +302,31 @@ class Claims:
             counts.update({(namespace, k): int(n) for k, n in counted})
         return counts
 
+    def _lock_own(
+        self, conn: Connection, namespace: str, keys: list[str]
+    ) -> tuple[sa.ColumnElement[bool], list[str]]:
+        """Lock this run's claims among ``keys`` (in key order: no deadlock between runs).
+
+        Returns the condition that selects them, and the keys it locked.
+        """
+        own = sa.and_(match(namespace, keys), C.status == CLAIMED, C.run_id == self.run_id)
+        locked = conn.execute(
+            sa.select(C.key).where(own).order_by(C.namespace, C.key).with_for_update()
+        ).scalars()
+        return own, list(locked)
+
     def _update_own_claims(
         self, conn: Connection, keys: Sequence[Key], values: dict[str, Any]
     ) -> int:
         changed = 0
         for namespace, group in chunks(keys):
-            own = sa.and_(match(namespace, group), C.status == CLAIMED, C.run_id == self.run_id)
-            conn.execute(sa.select(C.key).where(own).order_by(C.namespace, C.key).with_for_update())
+            own, _ = self._lock_own(conn, namespace, group)
             changed += conn.execute(sa.update(TABLE).where(own).values(values)).rowcount
         return changed
 
     def _release_in(self, conn: Connection, keys: Sequence[Key], at: datetime) -> None:
         for namespace, group in chunks(keys):
-            own = sa.and_(match(namespace, group), C.status == CLAIMED, C.run_id == self.run_id)
-            conn.execute(sa.select(C.key).where(own).order_by(C.namespace, C.key).with_for_update())
+            own, _ = self._lock_own(conn, namespace, group)
             fresh = sa.and_(C.ambiguous_since.is_(None), C.outage_exits == 0)
             conn.execute(sa.delete(TABLE).where(own, fresh))
             conn.execute(
