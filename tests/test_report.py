@@ -126,6 +126,19 @@ def test_progress_cadence_with_fake_clock() -> None:
     assert report.progress_line(in_flight=0, queued=0, http={}) is None
 
 
+def test_progress_line_says_it_waits_for_catena_during_an_outage() -> None:
+    clock = FakeClock()
+    report = RunReport("run", clock=clock, progress_every=10.0)
+    clock.now += 10
+    line = report.progress_line(in_flight=0, queued=5, http=HTTP, unavailable_for=42.4)
+    assert line is not None
+    assert line.endswith("; waiting for Catena (unavailable for 42 s)")
+    clock.now += 10
+    line = report.progress_line(in_flight=0, queued=5, http=HTTP)
+    assert line is not None
+    assert "waiting for Catena" not in line
+
+
 def summary_of(report: RunReport) -> tuple[list[str], dict[str, object]]:
     return report.summary(
         dead_letter_path="output/dead-letters.jsonl",
